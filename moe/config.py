@@ -1,0 +1,209 @@
+"""Model configuration: one typed dataclass, validated on construction, plus named presets.
+
+Field names follow the DeepSeek-V3 / Kimi K2 Hugging Face config where one exists
+(`moe/hf.py` maps the rest), so a reader can hold the two side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the field, the value and what would be valid."""
+
+
+def check_field_types(obj) -> None:
+    """Reject values whose type does not match the dataclass annotation.
+
+    Runs before any other validation so a string where an int belongs fails with a message
+    about that field, not with a TypeError deep inside a comparison.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ConfigError(
+                f"{type(obj).__name__}.{f.name} = {value!r} has type {type(value).__name__}; "
+                f"expected {_type_name(hints[f.name])}"
+            )
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is typing.Any:
+        return True
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, arg) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:  # an int is a fine float (lr: 1 means 1.0), a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) not in (list, tuple, dict):
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "None")
+
+
+def from_dict(cls, values: dict, where: str = ""):
+    """Build dataclass `cls` from a plain dict (a YAML/TOML table), rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a table of fields, got {values!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {where or cls.__name__}; valid keys: {', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V3-architecture MoE transformer. Dimension letters used across `moe/`:
+    D hidden, H heads, E routed experts, K experts per token, F expert FFN width, V vocab."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # Multi-head latent attention (DeepSeek-V2 §2.1). q_lora_rank None: queries projected directly.
+    q_lora_rank: int | None = 32
+    kv_lora_rank: int = 32
+    # Head dims left as None are derived as hidden_size // num_heads (then num_heads must divide it).
+    qk_nope_head_dim: int | None = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int | None = 16
+    # Feed-forward: the first `first_k_dense` layers are dense SwiGLU, the rest MoE.
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 1
+    first_k_dense: int = 1
+    routed_scaling_factor: float = 1.0
+    # Router (DeepSeek-V3 §2.1.2): "sigmoid" is K2's; "softmax" is offered for router ablations.
+    score_func: str = "sigmoid"
+    # Aux-loss-free balancing: bias += speed * sign(mean_load - load) after each step.
+    bias_update_speed: float = 1e-3
+    # Sequence-wise balance loss coefficient alpha (DeepSeek-V3 eq. 17-20).
+    seq_aux_loss_coef: float = 1e-4
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        check_field_types(self)
+        if self.qk_nope_head_dim is None or self.v_head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"num_heads = {self.num_heads} does not divide hidden_size = {self.hidden_size}; "
+                    "head dims left unset are derived as hidden_size // num_heads"
+                )
+            derived = self.hidden_size // self.num_heads
+            if self.qk_nope_head_dim is None:
+                self.qk_nope_head_dim = derived
+            if self.v_head_dim is None:
+                self.v_head_dim = derived
+        positive = [
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
+            "num_experts", "num_experts_per_tok", "max_seq_len",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)} must be > 0")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"ModelConfig.q_lora_rank = {self.q_lora_rank} must be > 0 or None")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"ModelConfig.qk_rope_head_dim = {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(
+                f"ModelConfig.num_experts_per_tok = {self.num_experts_per_tok} exceeds "
+                f"num_experts = {self.num_experts}; top-k needs k <= E"
+            )
+        if not 0 <= self.first_k_dense <= self.num_layers:
+            raise ConfigError(f"ModelConfig.first_k_dense = {self.first_k_dense} must be in [0, num_layers={self.num_layers}]")
+        if self.num_shared_experts < 0:
+            raise ConfigError(f"ModelConfig.num_shared_experts = {self.num_shared_experts} must be >= 0")
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ConfigError(f"ModelConfig.score_func = {self.score_func!r}; valid: 'sigmoid', 'softmax'")
+        for name in ("bias_update_speed", "seq_aux_loss_coef", "rms_norm_eps", "init_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)} must be >= 0")
+        if self.routed_scaling_factor <= 0 or self.rope_theta <= 0:
+            raise ConfigError("ModelConfig.routed_scaling_factor and rope_theta must be > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense
+
+
+def _tiny() -> ModelConfig:
+    # Unit-test size: every code path (dense layer, MoE layer, MLA with q-LoRA) in well under a second.
+    return ModelConfig()
+
+
+def _small() -> ModelConfig:
+    # The CPU demo: ~19M total, ~8M active; trains visibly in minutes on 2 cores.
+    return ModelConfig(
+        vocab_size=4096, hidden_size=256, num_layers=6, num_heads=4, q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=768,
+        moe_intermediate_size=128, num_experts=32, num_experts_per_tok=4, num_shared_experts=1,
+        first_k_dense=1, routed_scaling_factor=2.0, max_seq_len=1024,
+    )
+
+
+def _k2_2b() -> ModelConfig:
+    # One 80 GB GPU: ~2.2B total, ~0.5B active, 64 experts with 8 active (K2's 1:8 sparsity halved).
+    return ModelConfig(
+        vocab_size=65536, hidden_size=1536, num_layers=16, num_heads=12, q_lora_rank=512, kv_lora_rank=256,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=4096,
+        moe_intermediate_size=512, num_experts=64, num_experts_per_tok=8, num_shared_experts=1,
+        first_k_dense=1, routed_scaling_factor=2.5, rope_theta=50000.0, max_seq_len=4096,
+    )
+
+
+def _kimi_k2() -> ModelConfig:
+    # The published Kimi K2 shape (Kimi K2 tech report, Table 2; HF config of moonshotai/Kimi-K2-Base).
+    return ModelConfig(
+        vocab_size=163840, hidden_size=7168, num_layers=61, num_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=18432,
+        moe_intermediate_size=2048, num_experts=384, num_experts_per_tok=8, num_shared_experts=1,
+        first_k_dense=1, routed_scaling_factor=2.827, rope_theta=50000.0, max_seq_len=131072,
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "k2-2b": _k2_2b, "kimi-k2": _kimi_k2}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset with optional field overrides, e.g. `preset("small", num_layers=4)`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
+    base = dataclasses.asdict(PRESETS[name]())
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in model overrides; valid keys: {', '.join(sorted(base))}")
+    base.update(overrides)
+    return ModelConfig(**base)

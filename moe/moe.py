@@ -1,0 +1,51 @@
+"""The MoE feed-forward: router, routed experts stored as stacked [E, ...] tensors, one shared expert.
+
+Shape legend: B batch, T tokens per sequence, N = B*T, D hidden, F expert FFN width, E experts,
+K experts per token.
+"""
+
+import torch
+from torch import nn
+
+import kernels
+from moe.config import ModelConfig
+from moe.layers import MLP
+from moe.router import Router
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as two stacked tensors (HF DeepseekV3 layout), run through `kernels.expert_ffn`.
+
+    This module is the seam for expert parallelism: a launcher may replace it with one that holds a
+    slice of the experts and moves tokens between processes; the call signature stays the same.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size))  # [E, 2F, D]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))  # [E, D, F]
+
+    def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor) -> torch.Tensor:
+        return kernels.expert_ffn(x_ND, topk_ids_NK, topk_weights_NK, self.gate_up_proj, self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
+        )
+        self.aux_loss = None  # the last forward's balance loss, read by the model
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        routing = self.gate(x_BTD)
+        self.aux_loss = routing.aux_loss
+        # Gate weights are fp32; the combine runs in the activations' dtype (as the HF port does).
+        y_ND = self.experts(x_BTD.reshape(B * T, D), routing.topk_ids_NK, routing.topk_weights_NK.to(x_BTD.dtype))
+        y_BTD = y_ND.view(B, T, D)
+        if self.shared_experts is not None:
+            y_BTD = y_BTD + self.shared_experts(x_BTD)
+        return y_BTD
