@@ -1,0 +1,137 @@
+"""How one optimizer step's gradients are produced and applied: plain PyTorch in one process, or a
+DeepSpeed engine (ZeRO 0-3, expert parallelism) under a launcher. The trainer's loop is the same for
+both; it talks to a `Stepper`:
+
+    for each micro-batch: loss = stepper.forward(inputs, targets).loss; stepper.backward(loss)
+    result = stepper.step()   # clip, optimizer step (or skip on a non-finite gradient), zero grads
+
+`backward` divides by the accumulation count in both (DeepSpeed does it inside `engine.backward`), so
+a step's gradient is the mean over micro_batch x grad_accum x dp_size sequences either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from launch.distributed import all_reduce_router_counts
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # global norm before clipping; inf or nan when the step was skipped for it
+    applied: bool  # False: non-finite gradient, weights and optimizer state left as they were
+
+
+class LocalStepper:
+    """One process, no DeepSpeed: backward, clip_grad_norm_, optimizer.step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int, grad_clip: float):
+        self.model, self.optimizer = model, optimizer
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+
+    def forward(self, inputs, targets):
+        return self.model(inputs, targets)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> StepResult:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, applied)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DeepSpeedStepper:
+    """A DeepSpeed engine. ZeRO-1/2/3 partition the optimizer state (and gradients, and weights);
+    with expert parallelism the engine reduces expert gradients over the expert-data-parallel group
+    only. A non-finite global gradient norm makes the ZeRO optimizer skip the step and clear the
+    gradients; `was_step_applied` reports it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.model = engine.module
+
+    def forward(self, inputs, targets):
+        return self.engine(inputs, targets)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-step; the update happens at the boundary
+
+    def step(self) -> StepResult:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return StepResult(norm, bool(self.engine.was_step_applied()))
+
+    def state_dict(self) -> dict:
+        """This rank's share: the module (its local experts under EP) and its ZeRO partition."""
+        return {"model": self.model.state_dict(), "optimizer": self.engine.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        opt = self.engine.optimizer
+        if self.engine.zero_optimization_stage() in (1, 2):
+            # ZeRO-1/2 restore their fp32 master partitions from the saved state, then refresh the
+            # working weights from them: exactly the weights the run had when it saved.
+            opt.load_state_dict([state["optimizer"]], load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            opt.load_state_dict(state["optimizer"])
+
+
+def finish_step(model: nn.Module, result: StepResult) -> None:
+    """After the optimizer step: router bias balancing on the global load, or a clean slate if skipped."""
+    if result.applied:
+        all_reduce_router_counts(model)
+        model.update_router_biases()
+    else:
+        for router in model.routers():
+            router.tokens_per_expert_E.zero_()
+    for attn in model.attentions():
+        attn.reset_max_logits()
+
+
+def split_expert_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Give expert parameters (`allreduce = False`) param groups of their own marked `moe`, as
+    DeepSpeed's ZeRO-1/2 require to reduce them over the expert-data-parallel group only. Each new
+    group copies the hyper-parameters of the group its parameters came from."""
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        dense = [p for p in group["params"] if getattr(p, "allreduce", True)]
+        experts: dict[str, list] = {}
+        for p in group["params"]:
+            if not getattr(p, "allreduce", True):
+                experts.setdefault(p.group_name, []).append(p)
+        if dense:
+            groups.append({**group, "params": dense, "name": group.get("name", f"group{i}")})
+        for name, params in experts.items():
+            groups.append({**group, "params": params, "name": name, "moe": True})
+    optimizer.param_groups[:] = groups
+
+
+def build_deepspeed_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, expert_parallel: bool):
+    import deepspeed
+
+    if expert_parallel:
+        if ds_config["zero_optimization"]["stage"] == 3:
+            raise ValueError("ep_size > 1 needs zero_stage 0, 1 or 2: DeepSpeed's ZeRO-3 does not partition "
+                             "expert-parallel weights of client MoE layers")
+        split_expert_param_groups(optimizer)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    return DeepSpeedStepper(engine)
