@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from launch.distributed import all_reduce_router_counts
+from moe.moe import MoE
 
 
 @dataclass
@@ -133,5 +134,12 @@ def build_deepspeed_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, 
             raise ValueError("ep_size > 1 needs zero_stage 0, 1 or 2: DeepSpeed's ZeRO-3 does not partition "
                              "expert-parallel weights of client MoE layers")
         split_expert_param_groups(optimizer)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # ZeRO-3 re-gathers a module's weights for backward through hooks on the tensors its forward
+        # returns; the router returns a `Routing` dataclass, which those hooks cannot see. Treating
+        # each MoE block as one leaf gathers router, experts and shared expert together instead.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [MoE])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return DeepSpeedStepper(engine)

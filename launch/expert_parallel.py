@@ -68,6 +68,9 @@ class ExpertParallelExperts(_DeepSpeedMoEMarker):
             param.allreduce = False  # DeepSpeed: reduce over the expert-data-parallel group only
             param.group_name = group_name
 
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by DeepSpeed's engine on every MoE layer; our groups exist already (expert_groups)."""
+
     def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor) -> torch.Tensor:
         N, K = topk_ids_NK.shape
         P, L = self.ep_size, self.num_local_experts
