@@ -82,18 +82,41 @@ class DeepSpeedStepper:
         return StepResult(norm, bool(self.engine.was_step_applied()))
 
     def state_dict(self) -> dict:
-        """This rank's share: the module (its local experts under EP) and its ZeRO partition."""
-        return {"model": self.model.state_dict(), "optimizer": self.engine.optimizer.state_dict()}
+        """This rank's share: its module (with its local experts under EP) and its ZeRO partition.
+
+        Under ZeRO-3 a module's parameters are empty placeholders, so each is gathered in turn and
+        the full values are kept: the checkpoint then holds plain weights for export, at the cost of
+        one whole copy of the model in host memory while saving."""
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            model_state = {}
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    with deepspeed.zero.GatheredParameters([param]):
+                        model_state[name] = param.detach().cpu().clone()
+                model_state.update({name: b.detach().cpu().clone() for name, b in self.model.named_buffers()
+                                    if name in self.model.state_dict()})
+        else:
+            model_state = self.model.state_dict()
+        return {"model": model_state, "optimizer": self.engine.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
         opt = self.engine.optimizer
-        if self.engine.zero_optimization_stage() in (1, 2):
-            # ZeRO-1/2 restore their fp32 master partitions from the saved state, then refresh the
-            # working weights from them: exactly the weights the run had when it saved.
-            opt.load_state_dict([state["optimizer"]], load_optimizer_states=True, load_from_fp32_weights=True)
+        # DeepSpeed's ZeRO loaders take every data-parallel rank's state and pick their own by rank;
+        # each of our ranks reads only its own file, placed where the loader looks.
+        dp_rank = torch.distributed.get_rank(group=opt.dp_process_group)
+        partitions = [None] * (dp_rank + 1)
+        partitions[dp_rank] = state["optimizer"]
+        if self.engine.zero_optimization_stage() == 3:
+            # Weights come back from the fp32 partitions (the loader refreshes the working copies
+            # from them); only the buffers, router biases among them, come from the module state.
+            buffers = {name for name, _ in self.model.named_buffers()}
+            self.model.load_state_dict({k: v for k, v in state["model"].items() if k in buffers}, strict=False)
+            opt.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
-            opt.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(state["model"])
+            opt.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 def finish_step(model: nn.Module, result: StepResult) -> None:
