@@ -1,0 +1,250 @@
+"""Muon for hidden matrices and AdamW for everything else, in one optimizer.
+
+Shape legend: E experts (a batch of matrices), M rows (fan_out), N columns (fan_in).
+
+Two pure update functions carry the maths (`muon_update`, `adamw_update`); `Muon` is a thin
+`torch.optim.Optimizer` that owns the state and applies them, group by group (`use_muon` True or
+False). `split_params` decides from the model which parameters get which rule.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"): keep a Nesterov momentum of the
+gradient, replace it by the nearest semi-orthogonal matrix (approximately U V^T of its SVD, found by
+a Newton-Schulz iteration), and step along that. The Moonlight update-RMS matching (Liu et al. 2025,
+"Muon is Scalable for LLM Training", §2.2, eq. 4) scales the orthogonalised update by
+0.2 * sqrt(max(M, N)) so that its RMS is ~0.2, like AdamW's: Muon groups then reuse AdamW's learning
+rate and weight decay, and one LR schedule drives every group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Quintic Newton-Schulz coefficients from Jordan's Muon post: chosen to maximise the slope at 0, so
+# small singular values grow fast; they converge to ~[0.7, 1.2] rather than exactly 1 (harmless).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7  # as torch.optim.Muon: guards the Frobenius normalisation of an all-zero update
+
+MUON_DEFAULTS = {"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "ns_steps": 5, "ns_dtype": None}
+ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+OPTIONAL_GROUP_KEYS = ("name",)  # a label for logs; never read by the update
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately orthogonalise G [M, N] or each matrix of a stack G [E, M, N]: G = U S V^T -> ~U V^T.
+
+    With X_0 = G / ||G||_F (so every singular value is <= 1), iterate
+        A = X X^T,   X <- a X + (b A + c A^2) X        (a, b, c) = NS_COEFFICIENTS
+    which applies p(s) = a s + b s^3 + c s^5 to every singular value s and leaves U, V alone. Run on
+    the wide orientation (M <= N, transposing if needed) so X X^T is the smaller M x M Gram matrix.
+    A stack is one batched matmul per product; each expert is normalised and iterated on its own.
+
+    dtype: the arithmetic precision; None means bf16 on CUDA (tensor cores; the iteration is robust
+    to it) and fp32 elsewhere (CPUs have no fast bf16 matmul). The result has that dtype. In bf16 the
+    fused baddbmm calls round exactly as torch.optim.Muon's addmm calls do.
+    """
+    if G.ndim not in (2, 3):
+        raise ValueError(f"Newton-Schulz takes a matrix [M, N] or a stack [E, M, N], got shape {tuple(G.shape)}")
+    if dtype is None:
+        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    a, b, c = NS_COEFFICIENTS
+    X_EMN = G.to(dtype) if G.ndim == 3 else G.to(dtype)[None]
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X_EMN = X_EMN.mT
+    X_EMN = X_EMN / X_EMN.norm(dim=(-2, -1), keepdim=True).clamp_min(NS_EPS)
+    for _ in range(steps):
+        A_EMM = X_EMN @ X_EMN.mT
+        B_EMM = torch.baddbmm(A_EMM, A_EMM, A_EMM, beta=b, alpha=c)
+        X_EMN = torch.baddbmm(X_EMN, B_EMM, X_EMN, beta=a)
+    if tall:
+        X_EMN = X_EMN.mT
+    return X_EMN if G.ndim == 3 else X_EMN[0]
+
+
+def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
+                ns_steps: int = 5, ns_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The Muon step direction for one weight [..., M, N], RMS-matched to AdamW; updates momentum_buf.
+
+        B <- mu B + (1 - mu) g                 (momentum_buf, an EMA: same direction as B <- mu B + g)
+        U <- (1 - mu) g + mu B  if nesterov else B
+        O <- NS5(U) * 0.2 * sqrt(max(M, N))    (Moonlight eq. 4: RMS(O) ~ 0.2, as AdamW's update)
+
+    The caller applies W <- W * (1 - lr * wd) - lr * O. With ns_dtype=torch.bfloat16 this is what
+    torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does to a 2-D weight.
+    """
+    momentum_buf.lerp_(grad, 1 - momentum)
+    update = grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
+    fan_out, fan_in = grad.shape[-2:]
+    O = zeropower_via_newtonschulz5(update, ns_steps, ns_dtype).to(grad.dtype)
+    return O.mul_(0.2 * math.sqrt(max(fan_out, fan_in)))
+
+
+def adamw_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                 betas: tuple[float, float], eps: float) -> torch.Tensor:
+    """The Adam step direction (Kingma & Ba 2015, Alg. 1, with bias correction); updates both moments.
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   O <- (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    The caller applies decoupled weight decay as for Muon (Loshchilov & Hutter 2019): W <- W (1 - lr wd) - lr O.
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    return exp_avg / (1 - beta1 ** step) / denom
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(muon_params, adamw_params), decided by what each parameter is in the model.
+
+    Muon: hidden weight matrices, i.e. 2-D weights and stacks of them ([E, M, N] expert tensors,
+    orthogonalised per expert) -- attention and MLP projections, routed experts, the router's gate.
+    AdamW: nn.Embedding tables and the output head (`model.lm_head`, also when tied to the
+    embedding): they map tokens, not hidden features, and Muon's orthogonality argument does not
+    hold for them (Jordan 2024; Moonlight §2.2); and every parameter with fewer than 2 dims (norm
+    gains, biases). Buffers -- the router's balance bias among them -- are not parameters at all.
+    """
+    to_adamw = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        to_adamw |= {id(p) for p in head.parameters()}
+    muon, adamw = [], []
+    for p in model.parameters():  # deduplicated, so a tied weight is seen once
+        if not p.requires_grad:
+            continue
+        (adamw if id(p) in to_adamw or p.ndim < 2 else muon).append(p)
+    for p in muon:
+        if p.ndim > 3:
+            raise ValueError(f"parameter of shape {tuple(p.shape)}: Muon takes matrices [M, N] or expert stacks "
+                             "[E, M, N]; reshape it in the model or build the groups by hand")
+    return muon, adamw
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on the groups with `use_muon=True`, AdamW on the others, one object for the trainer.
+
+    Each group is a dict with `params`, `use_muon` and any of the keys of MUON_DEFAULTS or
+    ADAMW_DEFAULTS (by kind), plus an optional `name`; any other key is an error. Typical use:
+
+        muon_params, adamw_params = split_params(model)
+        opt = Muon([dict(params=muon_params, use_muon=True, lr=3e-3),
+                    dict(params=adamw_params, use_muon=False, lr=3e-3)])
+
+    Both kinds take the AdamW-scale `lr` (see `muon_update`), so an LR scheduler may set
+    group["lr"] on every group alike. Parameters stored in bf16/fp16 get an fp32 master copy in
+    their state: updates (and QK-clip, `optim.qk_clip`) act on the master and the parameter is
+    its rounding. All optimizer state is fp32 for them.
+    """
+
+    def __init__(self, param_groups: list[dict]):
+        super().__init__(param_groups, defaults={})
+
+    def add_param_group(self, group: dict) -> None:
+        super().add_param_group(_validated(group))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    _init_state(state, p, group["use_muon"])
+                master = state.get("master", p)
+                grad = p.grad.to(master.dtype)
+                if group["use_muon"]:
+                    update = muon_update(grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                                         group["ns_steps"], group["ns_dtype"])
+                else:
+                    state["step"] += 1
+                    update = adamw_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                          group["betas"], group["eps"])
+                master.mul_(1 - group["lr"] * group["weight_decay"])
+                master.add_(update, alpha=-group["lr"])
+                if master is not p:
+                    p.copy_(master)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every floating state tensor to its parameter's dtype on load; fp32 masters and
+        # moments of bf16 parameters must come back as saved, or resuming would not be exact.
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.dtype != self.state[p][key].dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _init_state(state: dict, p: torch.Tensor, use_muon: bool) -> None:
+    dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+    if dtype != p.dtype:
+        state["master"] = p.detach().to(dtype)
+    if use_muon:
+        state["momentum_buffer"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+    else:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+
+def _validated(group: dict) -> dict:
+    """The group with defaults filled in; unknown keys and out-of-range values raise ValueError."""
+    if not isinstance(group.get("use_muon"), bool):
+        raise ValueError(f"each param group needs use_muon=True or False; got {group.get('use_muon')!r} "
+                         f"in the group with keys {sorted(group)}")
+    kind, defaults = ("Muon", MUON_DEFAULTS) if group["use_muon"] else ("AdamW", ADAMW_DEFAULTS)
+    valid = {"params", "use_muon", *defaults, *OPTIONAL_GROUP_KEYS}
+    for key in group:
+        if key not in valid:
+            raise ValueError(f"unknown key {key!r} in a {kind} param group; valid keys: {', '.join(sorted(valid))}")
+    group = {**defaults, **group}
+    for key in ("lr", "weight_decay"):
+        if not group[key] >= 0:
+            raise ValueError(f"{kind} group {key} = {group[key]!r}; must be >= 0")
+    if group["use_muon"]:
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"Muon group momentum = {group['momentum']!r}; must be in [0, 1)")
+        if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
+            raise ValueError(f"Muon group ns_steps = {group['ns_steps']!r}; must be an int >= 1")
+        params = list(group["params"]) if not torch.is_tensor(group["params"]) else [group["params"]]
+        for p in params:
+            if p.ndim not in (2, 3):
+                raise ValueError(f"Muon group holds a parameter of shape {tuple(p.shape)}; Muon takes matrices "
+                                 "[M, N] or expert stacks [E, M, N], put it in a use_muon=False group")
+        group["params"] = params
+    else:
+        if not (len(group["betas"]) == 2 and all(0 <= b < 1 for b in group["betas"])):
+            raise ValueError(f"AdamW group betas = {group['betas']!r}; must be two values in [0, 1)")
+        if not group["eps"] >= 0:
+            raise ValueError(f"AdamW group eps = {group['eps']!r}; must be >= 0")
+    return group
+
+
+def model_param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                       nesterov: bool = True, ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95),
+                       eps: float = 1e-8) -> list[dict]:
+    """A Muon group for the model's hidden matrices and an AdamW group for the rest (`split_params`),
+    with the same lr and weight decay (the Moonlight matching makes that right)."""
+    muon_params, adamw_params = split_params(model)
+    groups = [dict(params=muon_params, use_muon=True, name="muon", lr=lr, weight_decay=weight_decay,
+                   momentum=momentum, nesterov=nesterov, ns_steps=ns_steps),
+              dict(params=adamw_params, use_muon=False, name="adamw", lr=lr, weight_decay=weight_decay,
+                   betas=tuple(betas), eps=eps)]
+    return [g for g in groups if g["params"]]
+
+
+def build(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+          nesterov: bool = True, ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95),
+          eps: float = 1e-8) -> Muon:
+    """The registry's "muon": `Muon` over `model_param_groups(model, ...)`."""
+    return Muon(model_param_groups(model, lr, weight_decay, momentum, nesterov, ns_steps, betas, eps))
