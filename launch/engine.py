@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 from launch.distributed import all_reduce_router_counts
+from launch.zero_muon import ZeroMuon, zero_row_scaler
 from moe.moe import MoE
+from optim import MuonClip, qk_clip_
+from optim.muon import Muon
 
 
 @dataclass
@@ -63,9 +66,10 @@ class DeepSpeedStepper:
     only. A non-finite global gradient norm makes the ZeRO optimizer skip the step and clear the
     gradients; `was_step_applied` reports it."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, qk_clip_tau: float | None = None):
         self.engine = engine
         self.model = engine.module
+        self.qk_clip_tau = qk_clip_tau  # set when the optimizer is MuonClip: QK-clip after each step
 
     def forward(self, inputs, targets):
         return self.engine(inputs, targets)
@@ -79,7 +83,10 @@ class DeepSpeedStepper:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        return StepResult(norm, bool(self.engine.was_step_applied()))
+        applied = bool(self.engine.was_step_applied())
+        if applied and self.qk_clip_tau is not None:
+            qk_clip_(self.model.attentions(), self.qk_clip_tau, zero_row_scaler)
+        return StepResult(norm, applied)
 
     def state_dict(self) -> dict:
         """This rank's share: its module (with its local experts under EP) and its ZeRO partition.
@@ -150,8 +157,19 @@ def split_expert_param_groups(optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_deepspeed_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, expert_parallel: bool):
+    """`optimizer` as built by `optim.build` for `model` (after expert parallelism was applied)."""
     import deepspeed
 
+    stage = ds_config["zero_optimization"]["stage"]
+    qk_clip_tau = optimizer.qk_clip_tau if isinstance(optimizer, MuonClip) else None
+    if isinstance(optimizer, Muon):
+        if stage == 3:
+            raise ValueError(
+                "muon/muonclip with zero_stage 3 is not supported: ZeRO-3 shards every matrix across ranks "
+                "and steps the optimizer on flat shards, where Newton-Schulz would orthogonalise fragments. "
+                "Use zero_stage 1 or 2 (optimizer state and gradients sharded, matrices orthogonalised whole)"
+            )
+        optimizer = ZeroMuon(optimizer)
     if expert_parallel:
         if ds_config["zero_optimization"]["stage"] == 3:
             raise ValueError("ep_size > 1 needs zero_stage 0, 1 or 2: DeepSpeed's ZeRO-3 does not partition "
@@ -165,4 +183,6 @@ def build_deepspeed_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, 
 
         set_z3_leaf_modules(model, [MoE])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
-    return DeepSpeedStepper(engine)
+    if isinstance(optimizer, ZeroMuon):
+        optimizer.attach(engine.optimizer)
+    return DeepSpeedStepper(engine, qk_clip_tau)
