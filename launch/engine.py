@@ -70,6 +70,7 @@ class DeepSpeedStepper:
         self.engine = engine
         self.model = engine.module
         self.qk_clip_tau = qk_clip_tau  # set when the optimizer is MuonClip: QK-clip after each step
+        self.last_max_logits_LH: torch.Tensor | None = None  # pre-clip max logits of the last step
 
     def forward(self, inputs, targets):
         return self.engine(inputs, targets)
@@ -85,7 +86,7 @@ class DeepSpeedStepper:
         norm = float("nan") if norm is None else float(norm)
         applied = bool(self.engine.was_step_applied())
         if applied and self.qk_clip_tau is not None:
-            qk_clip_(self.model.attentions(), self.qk_clip_tau, zero_row_scaler)
+            self.last_max_logits_LH = qk_clip_(self.model.attentions(), self.qk_clip_tau, zero_row_scaler)
         return StepResult(norm, applied)
 
     def state_dict(self) -> dict:
