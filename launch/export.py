@@ -1,0 +1,79 @@
+"""Turn a training checkpoint (one process or many, any ZeRO stage, any EP size) into one model.
+
+    python -m launch.export runs/my-run/checkpoints            # newest good checkpoint
+    python -m launch.export runs/my-run/checkpoints/step_00001000 --hf-dir hf/my-model
+
+`consolidate` rebuilds the single-device `Transformer` (routed experts gathered from the EP ranks'
+files, in expert order); `--hf-dir` then writes it in the Hugging Face DeepseekV3 format through
+`moe.hf.export_hf`, loadable with `transformers.AutoModelForCausalLM.from_pretrained`.
+Runs on one CPU process, no launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from launch import checkpoint
+from moe.config import ModelConfig
+from moe.model import Transformer
+
+
+def consolidate(ckpt: Path) -> Transformer:
+    """The model saved in checkpoint directory `ckpt` (verified against its manifest first)."""
+    manifest = checkpoint.verify(ckpt, {})
+    if "model_config" not in manifest:
+        raise checkpoint.CheckpointError(f"{ckpt}/manifest.json has no model_config; it was not written by launch.train")
+    model = Transformer(ModelConfig(**manifest["model_config"]))
+    ep_size = manifest.get("ep_size", 1)
+    # Ranks 0..ep_size-1 form the first expert-parallel group: together they hold every expert.
+    shards = [torch.load(ckpt / manifest["files"][r]["file"], map_location="cpu", weights_only=False)["model"]
+              for r in range(ep_size)]
+    state = {}
+    for key, ref in model.state_dict().items():
+        saved = shards[0].get(key)
+        if saved is None:
+            raise checkpoint.CheckpointError(f"{ckpt}: rank 0's model state has no {key!r}")
+        if saved.shape == ref.shape:
+            state[key] = saved
+        elif ep_size > 1 and saved.shape[0] * ep_size == ref.shape[0] and saved.shape[1:] == ref.shape[1:]:
+            state[key] = torch.cat([shard[key] for shard in shards])  # rank p holds experts [p*L, (p+1)*L)
+        else:
+            raise checkpoint.CheckpointError(
+                f"{ckpt}: {key} has shape {tuple(saved.shape)}, the model expects {tuple(ref.shape)} (ep_size = {ep_size})"
+            )
+    model.load_state_dict(state)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a step_* directory, or a checkpoints/ directory (its newest good one)")
+    parser.add_argument("--hf-dir", help="write a Hugging Face model here (config.json + safetensors)")
+    parser.add_argument("--pt", help="write the consolidated state_dict here with torch.save")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    try:
+        if not (ckpt / "manifest.json").exists():
+            found = checkpoint.find_resumable(ckpt, {}, log=lambda m: print(m, file=sys.stderr))
+            if found is None:
+                raise checkpoint.CheckpointError(f"{ckpt}: no complete checkpoint found")
+            ckpt = found
+        model = consolidate(ckpt)
+    except checkpoint.CheckpointError as err:
+        sys.exit(f"export: {err}")
+    if args.pt:
+        torch.save(model.state_dict(), args.pt)
+    if args.hf_dir:
+        from moe.hf import export_hf
+
+        export_hf(model, args.hf_dir)
+    print(json.dumps({"checkpoint": str(ckpt), "hf_dir": args.hf_dir, "pt": args.pt}))
+
+
+if __name__ == "__main__":
+    main()
