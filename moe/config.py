@@ -165,7 +165,7 @@ def _tiny() -> ModelConfig:
 
 
 def _small() -> ModelConfig:
-    # The CPU demo: ~19M total, ~8M active; trains visibly in minutes on 2 cores.
+    # The CPU demo: ~19.7M total, ~6.0M active; trains visibly in minutes on 2 cores.
     return ModelConfig(
         vocab_size=4096, hidden_size=256, num_layers=6, num_heads=4, q_lora_rank=128, kv_lora_rank=64,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=768,
@@ -175,7 +175,7 @@ def _small() -> ModelConfig:
 
 
 def _k2_2b() -> ModelConfig:
-    # One 80 GB GPU: ~2.2B total, ~0.5B active, 64 experts with 8 active (K2's 1:8 sparsity halved).
+    # One 80 GB GPU: ~2.6B total, ~0.63B active, 8 of 64 experts active (K2: 8 of 384).
     return ModelConfig(
         vocab_size=65536, hidden_size=1536, num_layers=16, num_heads=12, q_lora_rank=512, kv_lora_rank=256,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=4096,
