@@ -206,3 +206,9 @@ def load(ckpt: Path) -> dict:
     rank, _ = _world()
     # Our own files, holding numpy and Python RNG states besides tensors: a full unpickle.
     return torch.load(ckpt / _rank_file(rank), map_location="cpu", weights_only=False)
+
+
+def latest(root: Path) -> str | None:
+    """What `latest` names under `root` (for messages), or None."""
+    pointer = Path(root) / "latest"
+    return str(Path(root) / pointer.read_text().strip()) if pointer.is_file() else None

@@ -53,6 +53,16 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     out_dir: str | None = None  # default: runs/<preset>-<timestamp>
+    # Checkpoints and faults (launch/checkpoint.py). checkpoint_every 0: only at the end.
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0 keeps all
+    resume: bool = False  # continue from the newest good checkpoint in out_dir (a fresh start if none)
+    max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
+    # Under a launcher (torchrun / deepspeed): DeepSpeed ZeRO stage, expert-parallel size, collective timeout.
+    zero_stage: int = 1
+    ep_size: int = 1
+    deepspeed_config: str | None = None  # a DeepSpeed JSON to start from; ours is written to out_dir
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -66,6 +76,17 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be >= 0")
+        for name in ("checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be >= 0")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"TrainConfig.zero_stage = {self.zero_stage}; valid: 1, 2, 3")
+        if self.ep_size < 1:
+            raise ConfigError(f"TrainConfig.ep_size = {self.ep_size} must be >= 1")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"TrainConfig.dist_timeout_s = {self.dist_timeout_s} must be > 0")
+        if self.resume and self.out_dir is None:
+            raise ConfigError("resume = true needs out_dir: the run directory to continue (--out-dir)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"TrainConfig.min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -141,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         if f.name in ("model", "data"):
             continue
-        parser.add_argument(_flag(f.name), dest=f.name, metavar=_type_label(hints[f.name]), default=argparse.SUPPRESS)
+        # A bare boolean flag means true (`--resume`); `--resume false` still works.
+        flag_bool = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
+        parser.add_argument(_flag(f.name), dest=f.name, metavar=_type_label(hints[f.name]), default=argparse.SUPPRESS,
+                            **flag_bool)
     parser.epilog = "Section fields: --model.FIELD VALUE (any ModelConfig field), --data.FIELD VALUE (any DataConfig field)."
     return parser
 

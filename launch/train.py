@@ -7,6 +7,7 @@ config.yaml (the resolved config), metrics.jsonl, loss.png and summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -18,9 +19,13 @@ import yaml
 from tqdm import tqdm
 
 import optim
+from launch import checkpoint
 from launch.config import TrainConfig, default_out_dir, parse_args
 from launch.data import build_data, TrainBatches, ValBatches
+from launch.distributed import DistInfo, expert_groups, init_distributed, launched
+from launch.engine import LocalStepper, finish_step
 from launch.metrics import MetricsLog, plot_losses
+from launch.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError
 from moe.model import Transformer
 from moe.params import count_parameters
@@ -42,102 +47,212 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
-    """A fresh directory for this run. An existing non-empty one is refused, never overwritten."""
-    out = Path(cfg.out_dir or default_out_dir(cfg))
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out_dir {str(out)!r} already holds files; pick another --out-dir (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out_dir(cfg: TrainConfig, info: DistInfo | None) -> Path:
+    """A fresh directory for this run. An existing non-empty one is refused, never overwritten,
+    unless --resume (then it is the run to continue). Rank 0 decides; every rank gets its answer."""
+    out, error = None, None
+    if info is None or info.is_main:
+        out = Path(cfg.out_dir or default_out_dir(cfg))
+        if out.exists() and any(out.iterdir()) and not cfg.resume:
+            error = (f"out_dir {str(out)!r} already holds files; pick another --out-dir, or add --resume to "
+                     "continue that run (nothing was overwritten)")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+    if info is not None:
+        shared = [str(out) if out else None, error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        out, error = Path(shared[0]) if shared[0] else None, shared[1]
+    if error:
+        raise ConfigError(error)
     cfg.out_dir = str(out)
     return out
 
 
-def autocast(device: torch.device):
-    # bf16 autocast on GPU (weights and optimizer state stay fp32); plain fp32 on CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def autocast(device: torch.device, info: DistInfo | None = None):
+    # bf16 autocast on one GPU (weights and optimizer state stay fp32); plain fp32 on CPU. Under
+    # DeepSpeed on GPU the engine keeps bf16 weights with fp32 masters itself: no autocast.
+    if device.type == "cuda" and info is None:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
-def train_step(model, optimizer, batches, cfg: TrainConfig, device) -> dict:
-    """One optimizer step over grad_accum micro-batches; returns the step's scalars."""
-    lm_sum = aux_sum = 0.0
+def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns the step's scalars (global means)."""
+    losses = torch.zeros(2, device=device)  # lm, aux: summed over micro-batches
     for _ in range(cfg.grad_accum):
         inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
-        with autocast(device):
-            out = model(inputs, targets)
-        (out.loss / cfg.grad_accum).backward()
-        lm_sum += out.lm_loss.item()
-        aux_sum += out.aux_loss.item()
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    record = {"lm_loss": lm_sum / cfg.grad_accum, "aux_loss": aux_sum / cfg.grad_accum, "grad_norm": grad_norm}
-    record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in model.routers()]
-    model.update_router_biases()
+        with autocast(device, info):
+            out = stepper.forward(inputs, targets)
+        stepper.backward(out.loss)
+        losses += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float()])
+    if info is not None:
+        torch.distributed.all_reduce(losses)
+        losses /= info.world_size
+    result = stepper.step()
+    lm, aux = (losses / cfg.grad_accum).tolist()
+    record = {"lm_loss": lm, "aux_loss": aux, "grad_norm": result.grad_norm}
+    if not result.applied:
+        record["skipped"] = True
+    else:
+        record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in stepper.model.routers()]
+    finish_step(stepper.model, result)  # global router counts -> bias update (or a clean slate if skipped)
     return record
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device) -> float:
+def evaluate(model, val_batches, device, info: DistInfo | None = None) -> float:
+    # Every rank evaluates the same batches (EP and ZeRO-3 forwards are collective).
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in val_batches:
-        with autocast(device):
+        with autocast(device, info):
             total += model(inputs.to(device), targets.to(device)).lm_loss.item()
         count += 1
     model.train()
     return total / count
 
 
+def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, device, out: Path):
+    """The plain PyTorch stepper in one process; a DeepSpeed engine under a launcher."""
+    if info is None:
+        return LocalStepper(model, optimizer, cfg.grad_accum, cfg.grad_clip), optimizer
+    from launch.deepspeed_config import build_deepspeed_config, write_deepspeed_config
+    from launch.engine import build_deepspeed_stepper
+
+    ds = build_deepspeed_config(
+        micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, dp_size=info.dp_size,
+        grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage, bf16=device.type == "cuda",
+        user_file=cfg.deepspeed_config,
+    )
+    if info.is_main:
+        write_deepspeed_config(ds, out)
+    stepper = build_deepspeed_stepper(model, optimizer, ds, expert_parallel=info.ep_size > 1)
+    return stepper, stepper.engine.optimizer.optimizer  # the client optimizer whose groups hold the lr
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary also written to summary.json."""
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    info = None
+    if launched():
+        info = init_distributed(device, cfg.ep_size, cfg.dist_timeout_s)
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+    elif cfg.ep_size != 1:
+        raise ConfigError(f"ep_size = {cfg.ep_size} needs several processes; launch with torchrun or deepspeed")
+    is_main = info is None or info.is_main
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     data = build_data(cfg.data, cfg.seq_len)
     model_cfg = cfg.model_config(vocab_size=data.vocab_size)
-    out = prepare_out_dir(cfg)
-    (out / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "resolved_model": vars(model_cfg)}, sort_keys=False))
+    out = prepare_out_dir(cfg, info)
+    if is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "resolved_model": vars(model_cfg)}, sort_keys=False))
 
     model = Transformer(model_cfg).to(device)
     counts = count_parameters(model)
-    optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    batches = iter(TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed))
-    val_batches = ValBatches(data.val, cfg.micro_batch_size, cfg.eval_batches)
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len
-    print(
-        f"model {cfg.model.get('preset')}: {counts['total'] / 1e6:.1f}M total / {counts['active'] / 1e6:.1f}M active "
-        f"parameters; {len(data.train)} train / {len(data.val)} val sequences of {cfg.seq_len} tokens; "
-        f"{tokens_per_step} tokens per step on {device}; writing {out}",
-        file=sys.stderr,
-    )
+    if info is not None and info.ep_size > 1:
+        from launch.expert_parallel import apply_expert_parallel
 
-    log = MetricsLog(out / "metrics.jsonl")
-    first_val = evaluate(model, val_batches, device)
-    log.write({"step": 0, "val_loss": first_val})
-    val_loss, start = first_val, time.perf_counter()
-    bar = tqdm(range(1, cfg.steps + 1), desc="train", unit="step", dynamic_ncols=True)
+        ep_group, _, group_name = expert_groups(info.ep_size)
+        apply_expert_parallel(model, ep_group, group_name)
+    optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+    stepper, optimizer = build_stepper(cfg, model, optimizer, info, device, out)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    world = 1 if info is None else info.world_size
+    rank = 0 if info is None else info.rank
+    batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    val_batches = ValBatches(data.val, cfg.micro_batch_size, cfg.eval_batches)
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
+    peak = gpu_peak_flops(device)
+    step_flops = flops_per_token(model_cfg, counts["active"], cfg.seq_len) * tokens_per_step
+    if is_main:
+        print(
+            f"model {cfg.model.get('preset')}: {counts['total'] / 1e6:.1f}M total / {counts['active'] / 1e6:.1f}M active "
+            f"parameters; {len(data.train)} train / {len(data.val)} val sequences of {cfg.seq_len} tokens; "
+            f"{tokens_per_step} tokens per step on {world} x {device.type}"
+            + (f" (ZeRO-{cfg.zero_stage}, EP {info.ep_size})" if info else "") + f"; writing {out}",
+            file=sys.stderr,
+        )
+
+    ckpt_root = out / "checkpoints"
+    ckpt_meta = {"world_size": world, "ep_size": 1 if info is None else info.ep_size,
+                 "zero_stage": None if info is None else cfg.zero_stage}
+    start_step = 0
+    if cfg.resume:
+        ckpt = checkpoint.resolve_resume(ckpt_root, ckpt_meta)
+        if ckpt is not None:
+            state = checkpoint.load(ckpt)
+            stepper.load_state_dict(state)
+            scheduler.load_state_dict(state["scheduler"])
+            batches.load_state_dict(state["data"])
+            checkpoint.set_rng_state(state["rng"])
+            start_step = state["step"]
+        if is_main:
+            print(f"resuming from {ckpt} at step {start_step}" if ckpt else f"--resume: no checkpoint in {ckpt_root}, "
+                  "starting fresh", file=sys.stderr)
+
+    def save(step: int) -> None:
+        state = {**stepper.state_dict(), "scheduler": scheduler.state_dict(), "data": batches.state_dict(),
+                 "rng": checkpoint.rng_state(), "step": step}
+        meta = {**ckpt_meta, "model_config": dataclasses.asdict(model_cfg)}
+        checkpoint.save(ckpt_root, step, state, meta, keep=cfg.keep_checkpoints)
+
+    log = MetricsLog(out / "metrics.jsonl") if is_main else None
+    val_loss = first_val = None
+    if start_step == 0:
+        first_val = val_loss = evaluate(stepper.model, val_batches, device, info)
+        if log:
+            log.write({"step": 0, "val_loss": first_val})
+    start, skipped_in_a_row = time.perf_counter(), 0
+    batches = iter(batches)
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not is_main,
+               initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
         record = {"step": step, "lr": scheduler.get_last_lr()[0]}
-        record.update(train_step(model, optimizer, batches, cfg, device))
+        record.update(train_step(stepper, batches, cfg, device, info))
         scheduler.step()
-        record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        record["tokens_per_s"] = tokens_per_step / seconds
+        if peak is not None:
+            record["mfu"] = step_flops / seconds / (peak * world)
+        if record.get("skipped"):
+            skipped_in_a_row += 1
+            if is_main:
+                print(f"step {step}: non-finite loss or gradient (grad_norm {record['grad_norm']}); step skipped",
+                      file=sys.stderr)
+            if skipped_in_a_row > cfg.max_skipped_steps:
+                if log:
+                    log.write(record)
+                raise RuntimeError(
+                    f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (max_skipped_steps = "
+                    f"{cfg.max_skipped_steps}); stopping. The last good checkpoint is {checkpoint.latest(ckpt_root)}; "
+                    "lower the lr or check the data before resuming"
+                )
+        else:
+            skipped_in_a_row = 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = record["val_loss"] = evaluate(model, val_batches, device)
-        if step % cfg.log_every == 0 or "val_loss" in record:
+            val_loss = record["val_loss"] = evaluate(stepper.model, val_batches, device, info)
+        if log and (step % cfg.log_every == 0 or "val_loss" in record or record.get("skipped")):
             log.write(record)
-        bar.set_postfix(loss=f"{record['lm_loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-    log.close()
-    plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.model.get('preset')} on {cfg.data.path or 'stdlib source'}")
+        if skipped_in_a_row == 0 and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
+            save(step)
+        val_text = "-" if val_loss is None else f"{val_loss:.3f}"
+        bar.set_postfix(loss=f"{record['lm_loss']:.3f}", val=val_text, tok_s=f"{record['tokens_per_s']:.0f}")
     summary = {
         "params_total": counts["total"], "params_active": counts["active"], "vocab_size": model_cfg.vocab_size,
         "steps": cfg.steps,
         "tokens": tokens_per_step * cfg.steps, "first_val_loss": first_val, "final_val_loss": val_loss,
-        "wall_s": round(time.perf_counter() - start, 1), "device": str(device), "out_dir": str(out),
+        "wall_s": round(time.perf_counter() - start, 1), "device": str(device), "world_size": world,
+        "out_dir": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary), file=sys.stderr)
+    if log:
+        log.close()
+        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.model.get('preset')} on {cfg.data.path or 'stdlib source'}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary), file=sys.stderr)
     return summary
 
 
