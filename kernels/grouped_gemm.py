@@ -1,0 +1,189 @@
+"""Row-gathered grouped GEMM over expert-sorted rows: one Triton kernel, three epilogues.
+
+Shape legend: T tokens, D hidden, F expert FFN width, E experts, A = T*K assignments,
+i = sorted position (expert-major), a = flat assignment index t*K + k (see `kernels.routing`).
+
+Each program owns BM sorted rows of one expert and BN output columns, and computes
+C[i, n] = sum_k A[src(i), k] * W_e[n, k]. The activation rows are read straight from their
+unpermuted home through the index list (src = token of row i), so no permuted copy of X or dY
+ever exists; the weights are addressed by strides, so the same loop serves W and W^T.
+
+MODE (compile-time):
+  SWIGLU_FWD  A = x gathered by token, W = gate_up_e ([2F, D] seen as [N=F, K=D]); two
+              accumulators share each A tile (gate rows n and up rows F+n). Writes act = silu(g)*u
+              [A, F] and, when training, the pre-activations h = [g | u] [A, 2F] for backward.
+  SCATTER     A in sorted order (act or dh), any W_e; the output row goes to the assignment's own
+              row a (token-major), optionally scaled by its gate weight in fp32. Used for the down
+              projection (forward) and for dX (backward). With K = 1 row a is the token itself, so
+              the result needs no combine.
+  SWIGLU_BWD  A = dy gathered by token, W = down_e ([D, F] seen as [N=F, K=D]), giving
+              g_act = dy_t @ down_e. The epilogue reloads h and writes dh = [dg | du] [A, 2F] and,
+              per row and N tile, the partial dot <g_act, act> whose sum over tiles is the gate-weight
+              gradient (dL/dw_a = <dy_t, down_e act_a>), so the forward output is never stored.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.routing import Routing
+from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting
+
+SWIGLU_FWD, SCATTER, SWIGLU_BWD = 0, 1, 2
+
+
+@triton.jit
+def _expert_gemm(
+    a_ptr, stride_am, stride_ak,
+    w_ptr, stride_we, stride_wn, stride_wk,
+    c_ptr, stride_cm, stride_cn,
+    h_ptr, stride_hm,  # [A, 2F] gate|up pre-activations: written by SWIGLU_FWD, read by SWIGLU_BWD
+    dwp_ptr, stride_dwpm,  # SWIGLU_BWD: fp32/fp64 [A, >= cdiv(F, BN)] partial gate-weight gradients
+    token_ptr, order_ptr, gate_w_ptr,
+    block_expert_ptr, block_row_ptr, offsets_ptr,
+    N, KD, num_blocks, E,
+    MODE: tl.constexpr, STORE_H: tl.constexpr, SCALE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M consecutive row blocks (usually one expert) sweep the N tiles
+    # together, so each weight tile is fetched from HBM once per group rather than once per block.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BN)
+    pids_in_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_in_group) * GROUP_M
+    group_m = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_in_group) % group_m
+    pid_n = (pid % pids_in_group) // group_m
+
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= E:  # past the real block count (the grid is an upper bound, see kernels.routing)
+        return
+    row0 = tl.load(block_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e + 1)
+    rows = row0 + tl.arange(0, BM)
+    mask_m = rows < row_end
+    rows = tl.where(mask_m, rows, row0)  # tail rows re-read a valid row instead of masking each load
+    if MODE == SCATTER:
+        src = rows.to(tl.int64)
+    else:
+        src = tl.load(token_ptr + rows).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_nw = tl.where(mask_n, offs_n, 0)
+    offs_k = tl.arange(0, BK)
+
+    a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    acc_up = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, KD, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < KD - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if MODE == SWIGLU_FWD:  # the up rows sit F = N rows below the gate rows
+            if EVEN_K:
+                w_up = tl.load(w_ptrs + N * stride_wn)
+            else:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None], other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BK * stride_ak
+        w_ptrs += BK * stride_wk
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows64 = rows.to(tl.int64)
+    if MODE == SWIGLU_FWD:
+        act = acc * (1.0 / (1.0 + tl.exp(-acc))) * acc_up
+        tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                 act.to(c_ptr.dtype.element_ty), mask=mask)
+        if STORE_H:
+            h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_n[None, :]
+            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_ptrs + N, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
+    elif MODE == SCATTER:
+        dst = tl.load(order_ptr + rows).to(tl.int64)
+        if SCALE:
+            acc = acc * tl.load(gate_w_ptr + dst).to(ACC)[:, None]
+        tl.store(c_ptr + dst[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:  # SWIGLU_BWD; acc = dy_t @ down_e, not yet scaled by the gate weight
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_n[None, :]
+        g = tl.load(h_ptrs, mask=mask, other=0.0).to(ACC)
+        u = tl.load(h_ptrs + N, mask=mask, other=0.0).to(ACC)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        silu = g * sig
+        # Masked columns hold junk in acc (their weight column was clamped) but g = u = 0 there.
+        tl.store(dwp_ptr + rows64 * stride_dwpm + pid_n, tl.sum(acc * silu * u, axis=1), mask=mask_m)
+        w_gate = tl.load(gate_w_ptr + tl.load(order_ptr + rows)).to(ACC)
+        d_act = acc * w_gate[:, None]
+        dg = d_act * u * sig * (1.0 + g * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g (1 - sig))
+        dh_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(dh_ptrs, dg.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs + N * stride_cn, (d_act * silu).to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["KD"] % args["BK"] == 0})
+_kernel_fixed = _even_k(_expert_gemm)
+_kernel_tuned = {
+    dual: triton.autotune(gemm_configs(dual), key=["N", "KD", "MODE", "STORE_H", "SCALE"])(_even_k(_expert_gemm))
+    for dual in (False, True)
+}
+
+
+def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
+            h=None, dwp=None, gate_w=None, store_h=False, scale=False):
+    if r.num_blocks == 0:
+        return
+    acc, precision = dot_types(a.dtype)
+    dummy = c
+    args = (
+        a, *a_strides, w, *w_strides, c, *c_strides,
+        dummy if h is None else h, 0 if h is None else h.stride(0),
+        dummy if dwp is None else dwp, 0 if dwp is None else dwp.stride(0),
+        r.token_A, r.order_A, dummy if gate_w is None else gate_w,
+        r.block_expert_B, r.block_row_B, r.offsets_E1,
+        N, KD, r.num_blocks, r.num_experts,
+    )
+    consts = dict(MODE=mode, STORE_H=store_h, SCALE=scale, ACC=acc, PRECISION=precision, BM=r.block_m)
+    if interpreting():
+        grid = (r.num_blocks * triton.cdiv(N, INTERP_BN),)
+        _kernel_fixed[grid](*args, **consts, BN=INTERP_BN, BK=INTERP_BK, GROUP_M=4)
+    else:
+        _kernel_tuned[mode == SWIGLU_FWD][lambda meta: (r.num_blocks * triton.cdiv(N, meta["BN"]),)](*args, **consts)
+
+
+def gate_up_swiglu(x_TD, gate_up_EFD, r: Routing, store_h: bool):
+    """act_AF = silu(x g_e^T) * (x u_e^T) for every sorted row; also h_AF2 = [g | u] if store_h."""
+    A, (_, F2, D) = r.order_A.numel(), gate_up_EFD.shape
+    F = F2 // 2
+    act_AF = x_TD.new_empty(A, F)
+    h_AF2 = x_TD.new_empty(A, F2) if store_h else None
+    _launch(SWIGLU_FWD, x_TD, x_TD.stride(), gate_up_EFD, gate_up_EFD.stride(), act_AF, act_AF.stride(), r,
+            N=F, KD=D, h=h_AF2, store_h=store_h)
+    return act_AF, h_AF2
+
+
+def scatter_gemm(a_AK, w_ENK, w_strides, out_AN, r: Routing, gate_w_A=None):
+    """out[order[i]] = (gate_w[order[i]] *) a[i] @ W_e^T, W_e addressed as [N, K] by `w_strides`."""
+    N, KD = out_AN.shape[1], a_AK.shape[1]
+    _launch(SCATTER, a_AK, a_AK.stride(), w_ENK, w_strides, out_AN, out_AN.stride(), r,
+            N=N, KD=KD, gate_w=gate_w_A, scale=gate_w_A is not None)
+    return out_AN
+
+
+def swiglu_backward(dy_TD, down_EDF, h_AF2, gate_w_A, r: Routing):
+    """dh_AF2 = d[g | u] for every sorted row, and dw_A (in sorted order) = <dy_t, down_e act_i>."""
+    A, (_, D, F) = h_AF2.shape[0], down_EDF.shape
+    dh_AF2 = torch.empty_like(h_AF2)
+    # One column per N tile of the narrowest candidate; wider tiles leave trailing zeros.
+    acc_dtype = torch.float64 if h_AF2.dtype == torch.float64 else torch.float32
+    dwp = torch.zeros(A, triton.cdiv(F, 32), device=h_AF2.device, dtype=acc_dtype)
+    s = down_EDF.stride()
+    _launch(SWIGLU_BWD, dy_TD, dy_TD.stride(), down_EDF, (s[0], s[2], s[1]), dh_AF2, dh_AF2.stride(), r,
+            N=F, KD=D, h=h_AF2, dwp=dwp, gate_w=gate_w_A)
+    return dh_AF2, dwp.sum(1)

@@ -1,0 +1,61 @@
+"""Tile sizes and launch configurations shared by the Triton expert kernels.
+
+Two regimes. Under the Triton interpreter (CPU tests) every program runs serially in Python, so we
+use one small fixed tile that still forces tails, several K iterations and blocks straddling
+expert boundaries on tiny shapes. On a GPU the M tile is fixed per call by `block_m` (the routing
+metadata is built for it, so it cannot be left to the autotuner) and the autotuner picks the rest.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+
+def interpreting() -> bool:
+    """True when kernels run on CPU tensors through `TRITON_INTERPRET=1`."""
+    return bool(knobs.runtime.interpret)
+
+
+# Interpreter tile: 16 rows so blocks straddle expert boundaries often; 32 wide so hidden sizes of
+# 24-48 give a masked tail and, for K = 48, two K iterations.
+INTERP_BM, INTERP_BN, INTERP_BK = 16, 32, 32
+
+
+def block_m(num_rows: int, num_experts: int) -> int:
+    """M tile of the grouped GEMMs. 128 keeps wgmma fed; 64 when experts average under ~2 tiles of
+    rows, where half-empty 128-row blocks would waste more than the smaller tile costs."""
+    if interpreting():
+        return INTERP_BM
+    return 128 if num_rows >= 192 * num_experts else 64
+
+
+def gemm_configs(dual: bool):
+    """Candidates for the row-gathered grouped GEMM. `dual` kernels (gate and up together) hold two
+    accumulators, so their N tile is half as wide for the same register budget. The last entry is
+    small enough for fp32/fp64 operands, whose tiles take 2-4x the shared memory."""
+    cfgs = []
+    for bn, bk, warps, stages in ((128, 64, 8, 4), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 5)):
+        if dual:
+            bn //= 2
+        cfgs.append(triton.Config({"BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+    cfgs.append(triton.Config({"BN": 32, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2))
+    return cfgs
+
+
+def wgrad_configs():
+    """Candidates for the per-expert weight-gradient GEMM (output tile BM x BN, reduction over rows)."""
+    cfgs = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4))
+    ]
+    cfgs.append(triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=2))
+    return cfgs
+
+
+def dot_types(dtype: torch.dtype):
+    """Accumulator and tl.dot precision for operands of `dtype`: fp32 operands multiply in full fp32
+    (tests compare them tightly; training runs bf16 anyway), fp64 (gradcheck) accumulates in fp64."""
+    if dtype == torch.float64:
+        return tl.float64, "ieee"
+    return tl.float32, "ieee" if dtype == torch.float32 else "tf32"
