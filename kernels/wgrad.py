@@ -76,7 +76,7 @@ def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, gate_w_
 
     src is the row's token when gathering, else i itself. gate_w_A (flat [T*K]) scales L's rows.
     """
-    assert l_XM.stride(1) == 1 and r_XN.stride(1) == 1, "wgrad operands must be row-major"
+    assert l_XM.numel() == 0 or (l_XM.stride(1) == 1 and r_XN.stride(1) == 1), "wgrad operands must be row-major"
     M, N, E = l_XM.shape[1], r_XN.shape[1], r.num_experts
     c_EMN = torch.empty(E, M, N, device=l_XM.device, dtype=out_dtype or l_XM.dtype)
     acc, precision = dot_types(l_XM.dtype)
