@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting
+from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, prune_gemm
 
 SWIGLU_FWD, SCATTER, SWIGLU_BWD = 0, 1, 2
 
@@ -130,7 +130,8 @@ def _expert_gemm(
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["KD"] % args["BK"] == 0})
 _kernel_fixed = _even_k(_expert_gemm)
 _kernel_tuned = {
-    dual: triton.autotune(gemm_configs(dual), key=["N", "KD", "MODE", "STORE_H", "SCALE"])(_even_k(_expert_gemm))
+    dual: triton.autotune(gemm_configs(dual), key=["N", "KD", "MODE", "STORE_H", "SCALE"],
+                          prune_configs_by={"early_config_prune": prune_gemm})(_even_k(_expert_gemm))
     for dual in (False, True)
 }
 

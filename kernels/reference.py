@@ -39,14 +39,17 @@ def expert_ffn_reference(
     token_A = order_A // K  # which token each sorted assignment belongs to
     x_AD = x_TD[token_A]
     out_AD = torch.empty_like(x_AD)
+    # unbind, not gate_up_EFD[e]: its backward stacks the E slices once, where indexing would build
+    # (and sum) a full-size zero gradient per expert.
+    gate_up_E, down_E = gate_up_EFD.unbind(0), down_EDF.unbind(0)
     # One host sync for the split sizes: acceptable on the reference path, avoided by the kernels.
     start = 0
     for e, n in enumerate(counts_E.tolist()):
         if n == 0:
             continue
         rows = slice(start, start + n)
-        gate, up = F.linear(x_AD[rows], gate_up_EFD[e]).chunk(2, dim=-1)
-        out_AD[rows] = F.linear(F.silu(gate) * up, down_EDF[e])
+        gate, up = F.linear(x_AD[rows], gate_up_E[e]).chunk(2, dim=-1)
+        out_AD[rows] = F.linear(F.silu(gate) * up, down_E[e])
         start += n
     w_A = topk_weights_TK.reshape(-1)[order_A].to(out_AD.dtype)
     y_TD = torch.zeros_like(x_TD)

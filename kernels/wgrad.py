@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, interpreting, wgrad_configs
+from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, interpreting, prune_wgrad, wgrad_configs
 
 
 @triton.jit
@@ -68,7 +68,8 @@ def _expert_wgrad(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_GATHER", "SCALE_L"])(_expert_wgrad)
+_kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_GATHER", "SCALE_L"],
+                                prune_configs_by={"early_config_prune": prune_wgrad})(_expert_wgrad)
 
 
 def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, gate_w_A=None, out_dtype=None):
