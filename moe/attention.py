@@ -19,6 +19,9 @@ from moe.layers import RMSNorm, apply_rope
 
 # Queries per block when measuring max logits: bounds the extra memory to B*H*256*T scores.
 _MAX_LOGIT_BLOCK = 256
+# The two latent norms use a fixed eps whatever rms_norm_eps says: DeepSeek-V3's reference code and
+# HF's DeepseekV3Attention build them with RMSNorm's default, and checkpoints were trained that way.
+_LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nn.Module):
@@ -37,10 +40,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, _LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, _LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
         # QK-clip (Kimi K2 §2.1) needs each head's largest pre-softmax logit of the step. Recording is
