@@ -29,7 +29,8 @@ import triton.language as tl
 from kernels.routing import Routing
 from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, prune_gemm
 
-SWIGLU_FWD, SCATTER, SWIGLU_BWD = 0, 1, 2
+# constexpr so the kernel can branch on them at compile time; the launchers pass them as MODE.
+SWIGLU_FWD, SCATTER, SWIGLU_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -44,7 +45,8 @@ def _expert_gemm(
     N, KD, num_blocks, E,
     MODE: tl.constexpr, STORE_H: tl.constexpr, SCALE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M consecutive row blocks (usually one expert) sweep the N tiles
     # together, so each weight tile is fetched from HBM once per group rather than once per block.
@@ -70,27 +72,30 @@ def _expert_gemm(
         src = tl.load(token_ptr + rows).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    offs_nw = tl.where(mask_n, offs_n, 0)
     offs_k = tl.arange(0, BK)
 
+    # N tails are masked, never clamped with tl.where: a clamped offset is no longer provably
+    # contiguous, and when N is the weight's contiguous dim (backward) the loads stop vectorising.
     a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BM, BN), dtype=ACC)
     acc_up = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, KD, BK):
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < KD - k0, other=0.0)
+        if EVEN_K and EVEN_N:
             w = tl.load(w_ptrs)
         else:
-            k_ok = offs_k < KD - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            w_ok = (offs_k[:, None] < KD - k0) & mask_n[None, :]
+            w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if MODE == SWIGLU_FWD:  # the up rows sit F = N rows below the gate rows
-            if EVEN_K:
+            if EVEN_K and EVEN_N:
                 w_up = tl.load(w_ptrs + N * stride_wn)
             else:
-                w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None], other=0.0)
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BK * stride_ak
         w_ptrs += BK * stride_wk
@@ -117,7 +122,6 @@ def _expert_gemm(
         u = tl.load(h_ptrs + N, mask=mask, other=0.0).to(ACC)
         sig = 1.0 / (1.0 + tl.exp(-g))
         silu = g * sig
-        # Masked columns hold junk in acc (their weight column was clamped) but g = u = 0 there.
         tl.store(dwp_ptr + rows64 * stride_dwpm + pid_n, tl.sum(acc * silu * u, axis=1), mask=mask_m)
         w_gate = tl.load(gate_w_ptr + tl.load(order_ptr + rows)).to(ACC)
         d_act = acc * w_gate[:, None]
@@ -127,7 +131,8 @@ def _expert_gemm(
         tl.store(dh_ptrs + N * stride_cn, (d_act * silu).to(c_ptr.dtype.element_ty), mask=mask)
 
 
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["KD"] % args["BK"] == 0})
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["KD"] % args["BK"] == 0,
+                             "EVEN_N": lambda args: args["N"] % args["BN"] == 0})
 _kernel_fixed = _even_k(_expert_gemm)
 _kernel_tuned = {
     dual: triton.autotune(gemm_configs(dual), key=["N", "KD", "MODE", "STORE_H", "SCALE"],
@@ -155,7 +160,7 @@ def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
         grid = (r.num_blocks * triton.cdiv(N, INTERP_BN),)
         _kernel_fixed[grid](*args, **consts, BN=INTERP_BN, BK=INTERP_BK, GROUP_M=4)
     else:
-        _kernel_tuned[mode == SWIGLU_FWD][lambda meta: (r.num_blocks * triton.cdiv(N, meta["BN"]),)](*args, **consts)
+        _kernel_tuned[mode is SWIGLU_FWD][lambda meta: (r.num_blocks * triton.cdiv(N, meta["BN"]),)](*args, **consts)
 
 
 def gate_up_swiglu(x_TD, gate_up_EFD, r: Routing, store_h: bool):

@@ -41,14 +41,13 @@ def _expert_wgrad(
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_ml = tl.where(mask_m, offs_m, 0)
-    offs_nr = tl.where(mask_n, offs_n, 0)
 
     acc = tl.zeros((BM, BN), dtype=ACC)
     for r0 in range(start, end, BK):
         rows = r0 + tl.arange(0, BK)
         ok = rows < end
         rows = tl.where(ok, rows, start)  # the L tile is zeroed on these, so R may read any valid row
+        # M/N tails are masked rather than clamped so the contiguous dims still vectorise.
         if L_GATHER:
             l_src = tl.load(token_ptr + rows).to(tl.int64)
         else:
@@ -57,11 +56,12 @@ def _expert_wgrad(
             r_src = tl.load(token_ptr + rows).to(tl.int64)
         else:
             r_src = rows.to(tl.int64)
-        l_t = tl.load(l_ptr + l_src[None, :] * stride_lm + offs_ml[:, None], mask=ok[None, :], other=0.0)  # [BM, BK]
+        l_t = tl.load(l_ptr + l_src[None, :] * stride_lm + offs_m[:, None],
+                      mask=ok[None, :] & mask_m[:, None], other=0.0)  # [BM, BK]
         if SCALE_L:
             gw = tl.load(gate_w_ptr + tl.load(order_ptr + rows)).to(ACC)
             l_t = (l_t.to(ACC) * gw[None, :]).to(l_ptr.dtype.element_ty)
-        r_t = tl.load(r_ptr + r_src[:, None] * stride_rm + offs_nr[None, :])  # [BK, BN]
+        r_t = tl.load(r_ptr + r_src[:, None] * stride_rm + offs_n[None, :], mask=mask_n[None, :], other=0.0)
         acc = tl.dot(l_t, r_t, acc, input_precision=PRECISION)
 
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
