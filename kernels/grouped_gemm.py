@@ -19,7 +19,8 @@ MODE (compile-time):
   SWIGLU_BWD  A = dy gathered by token, W = down_e ([D, F] seen as [N=F, K=D]), giving
               g_act = dy_t @ down_e. The epilogue reloads h and writes dh = [dg | du] [A, 2F] and,
               per row and N tile, the partial dot <g_act, act> whose sum over tiles is the gate-weight
-              gradient (dL/dw_a = <dy_t, down_e act_a>), so the forward output is never stored.
+              gradient (dL/dw_a = <dy_t, down_e act_a>), so the forward output is never stored; and
+              w_a * act_i, the operand of the down projection's weight gradient.
 """
 
 import torch
@@ -40,6 +41,7 @@ def _expert_gemm(
     c_ptr, stride_cm, stride_cn,
     h_ptr, stride_hm,  # [A, 2F] gate|up pre-activations: written by SWIGLU_FWD, read by SWIGLU_BWD
     dwp_ptr, stride_dwpm,  # SWIGLU_BWD: fp32/fp64 [A, >= cdiv(F, BN)] partial gate-weight gradients
+    act_w_ptr,  # SWIGLU_BWD: [A, F] w_a * act_i, the down-projection's weight-gradient operand
     token_ptr, order_ptr, gate_w_ptr,
     block_expert_ptr, block_row_ptr, offsets_ptr,
     N, KD, num_blocks, E,
@@ -90,13 +92,13 @@ def _expert_gemm(
         else:
             w_ok = (offs_k[:, None] < KD - k0) & mask_n[None, :]
             w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if MODE == SWIGLU_FWD:  # the up rows sit F = N rows below the gate rows
             if EVEN_K and EVEN_N:
                 w_up = tl.load(w_ptrs + N * stride_wn)
             else:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION, out_dtype=ACC)
         a_ptrs += BK * stride_ak
         w_ptrs += BK * stride_wk
 
@@ -125,6 +127,10 @@ def _expert_gemm(
         tl.store(dwp_ptr + rows64 * stride_dwpm + pid_n, tl.sum(acc * silu * u, axis=1), mask=mask_m)
         w_gate = tl.load(gate_w_ptr + tl.load(order_ptr + rows)).to(ACC)
         d_act = acc * w_gate[:, None]
+        # Recomputed act, pre-scaled here so the wgrad kernel streams both operands straight into
+        # the tensor cores (scaling there cost it half its speed); forward keeps no act for us.
+        tl.store(act_w_ptr + rows64[:, None] * N + offs_n[None, :],
+                 (silu * u * w_gate[:, None]).to(act_w_ptr.dtype.element_ty), mask=mask)
         dg = d_act * u * sig * (1.0 + g * (1.0 - sig))  # d silu(g)/dg = sig * (1 + g (1 - sig))
         dh_ptrs = c_ptr + rows64[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(dh_ptrs, dg.to(c_ptr.dtype.element_ty), mask=mask)
@@ -142,7 +148,7 @@ _kernel_tuned = {
 
 
 def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
-            h=None, dwp=None, gate_w=None, store_h=False, scale=False):
+            h=None, dwp=None, act_w=None, gate_w=None, store_h=False, scale=False):
     if r.num_blocks == 0:
         return
     acc, precision = dot_types(a.dtype)
@@ -150,7 +156,7 @@ def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
     args = (
         a, *a_strides, w, *w_strides, c, *c_strides,
         dummy if h is None else h, 0 if h is None else h.stride(0),
-        dummy if dwp is None else dwp, 0 if dwp is None else dwp.stride(0),
+        dummy if dwp is None else dwp, 0 if dwp is None else dwp.stride(0), dummy if act_w is None else act_w,
         r.token_A, r.order_A, dummy if gate_w is None else gate_w,
         r.block_expert_B, r.block_row_B, r.offsets_E1,
         N, KD, r.num_blocks, r.num_experts,
@@ -183,13 +189,14 @@ def scatter_gemm(a_AK, w_ENK, w_strides, out_AN, r: Routing, gate_w_A=None):
 
 
 def swiglu_backward(dy_TD, down_EDF, h_AF2, gate_w_A, r: Routing):
-    """dh_AF2 = d[g | u] for every sorted row, and dw_A (in sorted order) = <dy_t, down_e act_i>."""
+    """For every sorted row: dh_AF2 = d[g | u], dw_A = <dy_t, down_e act_i> and act_w_AF = w_a act_i."""
     A, (_, D, F) = h_AF2.shape[0], down_EDF.shape
     dh_AF2 = torch.empty_like(h_AF2)
+    act_w_AF = h_AF2.new_empty(A, F)
     # One column per N tile of the narrowest candidate; wider tiles leave trailing zeros.
     acc_dtype = torch.float64 if h_AF2.dtype == torch.float64 else torch.float32
     dwp = torch.zeros(A, triton.cdiv(F, 32), device=h_AF2.device, dtype=acc_dtype)
     s = down_EDF.stride()
     _launch(SWIGLU_BWD, dy_TD, dy_TD.stride(), down_EDF, (s[0], s[2], s[1]), dh_AF2, dh_AF2.stride(), r,
-            N=F, KD=D, h=h_AF2, dwp=dwp, gate_w=gate_w_A)
-    return dh_AF2, dwp.sum(1)
+            N=F, KD=D, h=h_AF2, dwp=dwp, act_w=act_w_AF, gate_w=gate_w_A)
+    return dh_AF2, dwp.sum(1), act_w_AF

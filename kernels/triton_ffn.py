@@ -5,9 +5,9 @@ A = T*K assignments (sorted rows i / token-major rows a, see `kernels.routing`).
 
 Forward:  routing -> gate_up_swiglu (gathers x) -> scatter_gemm down (gate-weighted, token-major)
           -> combine (skipped for K = 1).
-Backward: swiglu_backward (gathers dy; gives dh and dL/dw) -> scatter_gemm dX -> combine,
+Backward: swiglu_backward (gathers dy; gives dh, dL/dw and w*act) -> scatter_gemm dX -> combine,
           and the two grouped weight-gradient kernels.
-Saved for backward: x, the weights, act [A, F] and h = [g | u] [A, 2F]; nothing of size [A, D].
+Saved for backward: x, the weights and h = [g | u] [A, 2F]; act is recomputed from h in backward.
 """
 
 import torch
@@ -32,20 +32,19 @@ class _ExpertFFN(torch.autograd.Function):
         scatter_gemm(act_AF, down_EDF, s, out_AD, r, gate_w_A=w_A)
         y_TD = out_AD if K == 1 else combine(out_AD, K)
         if training:
-            ctx.save_for_backward(x_TD, w_A, gate_up_EFD, down_EDF, act_AF, h_AF2)
+            ctx.save_for_backward(x_TD, w_A, gate_up_EFD, down_EDF, h_AF2)
             ctx.routing = r
             ctx.weights_shape = topk_weights_TK.shape
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, w_A, gate_up_EFD, down_EDF, act_AF, h_AF2 = ctx.saved_tensors
+        x_TD, w_A, gate_up_EFD, down_EDF, h_AF2 = ctx.saved_tensors
         r: Routing = ctx.routing
         need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
         dx = dw = dgu = ddown = None
-        if need_x or need_w or need_gu:
-            dh_AF2, dw_sorted_A = swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r)
+        dh_AF2, dw_sorted_A, act_w_AF = swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r)
         if need_x:
             T, D = x_TD.shape
             dx_AD = dy_TD.new_empty(T * r.top_k, D)
@@ -58,8 +57,7 @@ class _ExpertFFN(torch.autograd.Function):
         if need_gu:
             dgu = expert_wgrad(dh_AF2, x_TD, r, l_gather=False, r_gather=True, out_dtype=gate_up_EFD.dtype)
         if need_down:
-            ddown = expert_wgrad(dy_TD, act_AF, r, l_gather=True, r_gather=False, gate_w_A=w_A,
-                                 out_dtype=down_EDF.dtype)
+            ddown = expert_wgrad(dy_TD, act_w_AF, r, l_gather=True, r_gather=False, out_dtype=down_EDF.dtype)
         return dx, dw, dgu, ddown, None, None
 
 

@@ -4,7 +4,7 @@ Shape legend: T tokens, A = T*K assignments in expert-sorted order (rows i), E e
 weight's shape. Either operand's rows may be read through the token index (the gather of the
 forward, run the other way), so dY and X are never permuted into copies.
 
-    dW_down_e    [D, F]  = sum_i (w_a dy_t)^T act_i      L = dy (gathered, gate-scaled), R = act
+    dW_down_e    [D, F]  = sum_i dy_t^T (w_a act_i)      L = dy (gathered), R = w*act from swiglu_backward
     dW_gate_up_e [2F, D] = sum_i dh_i^T x_t              L = dh, R = x (gathered)
 
 One program owns one (expert, M tile, N tile) and loops over that expert's rows, so each output
@@ -23,9 +23,9 @@ from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, interpreting, prune_w
 def _expert_wgrad(
     l_ptr, stride_lm, r_ptr, stride_rm,
     c_ptr, stride_ce, stride_cm, stride_cn,
-    token_ptr, order_ptr, gate_w_ptr, offsets_ptr,
+    token_ptr, offsets_ptr,
     M, N,
-    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, SCALE_L: tl.constexpr,
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -58,24 +58,21 @@ def _expert_wgrad(
             r_src = rows.to(tl.int64)
         l_t = tl.load(l_ptr + l_src[None, :] * stride_lm + offs_m[:, None],
                       mask=ok[None, :] & mask_m[:, None], other=0.0)  # [BM, BK]
-        if SCALE_L:
-            gw = tl.load(gate_w_ptr + tl.load(order_ptr + rows)).to(ACC)
-            l_t = (l_t.to(ACC) * gw[None, :]).to(l_ptr.dtype.element_ty)
         r_t = tl.load(r_ptr + r_src[:, None] * stride_rm + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-        acc = tl.dot(l_t, r_t, acc, input_precision=PRECISION)
+        acc = tl.dot(l_t, r_t, acc, input_precision=PRECISION, out_dtype=ACC)
 
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_GATHER", "SCALE_L"],
+_kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_GATHER"],
                                 prune_configs_by={"early_config_prune": prune_wgrad})(_expert_wgrad)
 
 
-def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, gate_w_A=None, out_dtype=None):
+def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dtype=None):
     """dW [E, M, N] = sum over each expert's sorted rows i of L[src_l(i)]^T R[src_r(i)].
 
-    src is the row's token when gathering, else i itself. gate_w_A (flat [T*K]) scales L's rows.
+    src is the row's token when gathering, else i itself.
     """
     assert l_XM.numel() == 0 or (l_XM.stride(1) == 1 and r_XN.stride(1) == 1), "wgrad operands must be row-major"
     M, N, E = l_XM.shape[1], r_XN.shape[1], r.num_experts
@@ -83,9 +80,9 @@ def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, gate_w_
     acc, precision = dot_types(l_XM.dtype)
     args = (
         l_XM, l_XM.stride(0), r_XN, r_XN.stride(0), c_EMN, *c_EMN.stride(),
-        r.token_A, r.order_A, l_XM if gate_w_A is None else gate_w_A, r.offsets_E1, M, N,
+        r.token_A, r.offsets_E1, M, N,
     )
-    consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, SCALE_L=gate_w_A is not None, ACC=acc, PRECISION=precision)
+    consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, ACC=acc, PRECISION=precision)
     if interpreting():
         grid = (E * triton.cdiv(M, INTERP_BN) * triton.cdiv(N, INTERP_BN),)
         _expert_wgrad[grid](*args, **consts, BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK)

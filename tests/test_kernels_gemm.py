@@ -77,15 +77,17 @@ def test_swiglu_backward(T, K, E, D, F, routing, dtype):
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(T * K, 2 * F, generator=gen).to(DEVICE, dtype)
     dy = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
-    dh, dw_sorted = swiglu_backward(dy, down, h, w.reshape(-1), r)
+    dh, dw_sorted, act_w = swiglu_backward(dy, down, h, w.reshape(-1), r)
     # Autograd through the per-row maths: out_i = w_a * down_e silu(g_i) * u_i, paired with dy_t.
     h64 = h.double().requires_grad_()
     w64 = w.reshape(-1)[order].double().requires_grad_()
     g, u = h64.chunk(2, dim=-1)
-    out = torch.einsum("af,adf->ad", F_.silu(g) * u, down[expert_A].double()) * w64[:, None]
+    act = F_.silu(g) * u
+    out = torch.einsum("af,adf->ad", act, down[expert_A].double()) * w64[:, None]
     dh_ref, dw_ref = torch.autograd.grad(out, (h64, w64), dy[token].double())
     assert_close_to(dh, dh_ref, dtype, "dh")
     assert_close_to(dw_sorted, dw_ref, dtype, "dw")
+    assert_close_to(act_w, act.detach() * w64.detach()[:, None], dtype, "w * act")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,10 +98,9 @@ def test_expert_wgrad(T, K, E, D, F, routing, dtype):
     dy = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
     act = torch.randn(T * K, F, generator=gen).to(DEVICE, dtype)
     onehot_AE = F_.one_hot(expert_A, E).double()
-    # dW_down_e = sum_i (w_a dy_t)^T act_i: L gathered and gate-scaled, R sorted.
-    ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False, gate_w_A=w.reshape(-1))
-    lhs = dy[token].double() * w.reshape(-1)[order, None].double()
-    assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, lhs, act.double()), dtype, "dW_down")
+    # dW_down_e = sum_i dy_t^T (w_a act_i): L gathered, R sorted.
+    ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False)
+    assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dy[token].double(), act.double()), dtype, "dW_down")
     # dW_gate_up_e = sum_i dh_i^T x_t: L sorted, R gathered.
     dh = act.repeat(1, 2)
     ours = expert_wgrad(dh, x, r, l_gather=False, r_gather=True)
