@@ -9,7 +9,8 @@ import torch
 
 import kernels
 from kernels.reference import expert_ffn_reference
-from kernels.testing import DEVICE, assert_close_to, check_kernels_interpreted, make_problem, use_interpreter_without_cuda
+from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
+                             use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
 import kernels.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
@@ -25,8 +26,7 @@ CASES = [
     (0, 2, 4, 24, 20, "random"),  # no rows (an expert-parallel rank that received nothing)
 ]
 BIG_E = (16, 8, 384, 16, 16, "skewed")  # E = 384, k = 8: most experts empty, many block boundaries
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=[
-    pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is wrong in the Triton interpreter")])]
+DTYPES = dtype_params()
 
 
 @pytest.fixture(scope="module", autouse=True)

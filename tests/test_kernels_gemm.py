@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F_
 
-from kernels.testing import DEVICE, assert_close_to, check_kernels_interpreted, make_problem, use_interpreter_without_cuda
+from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
+                             use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
@@ -22,8 +23,7 @@ CASES = [
     (21, 2, 9, 48, 36, "empty_experts"),  # empty experts; D = 48: two K steps, the second masked
     (40, 1, 6, 40, 24, "one_expert"),  # K = 1, every row on one expert
 ]
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=[
-    pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is wrong in the Triton interpreter")])]
+DTYPES = dtype_params()
 
 
 @pytest.fixture(scope="module", autouse=True)
