@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import kernels
-from moe.moe import RoutedExperts
+from moe.moe import RoutedExperts, autocast_operands
 
 # deepspeed.moe.layer.MoE is what DeepSpeed's engine looks for to turn on expert-aware gradient
 # reduction: parameters flagged `allreduce = False` are averaged over their expert-data-parallel
@@ -89,10 +89,11 @@ class ExpertParallelExperts(_DeepSpeedMoEMarker):
         # Rows from each source arrive sorted by expert, so the local id of row m follows from the counts.
         local_ids_M = torch.arange(L, device=x_MD.device).repeat(P).repeat_interleave(recv_counts_PL.reshape(-1))
         ones_M1 = x_MD.new_ones(x_MD.shape[0], 1)
-        y_MD = kernels.expert_ffn(x_MD, local_ids_M[:, None], ones_M1, self.gate_up_proj, self.down_proj)
+        x_MD, ones_M1, gate_up, down = autocast_operands(x_MD, ones_M1, self.gate_up_proj, self.down_proj)
+        y_MD = kernels.expert_ffn(x_MD, local_ids_M[:, None], ones_M1, gate_up, down)
         y_AD = _AllToAll.apply(y_MD, recv_splits, send_splits, self.ep_group)
         w_A = topk_weights_NK.reshape(-1)[order_A].to(y_AD.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD * w_A[:, None])
+        return x_ND.new_zeros(x_ND.shape, dtype=y_AD.dtype).index_add_(0, token_A, y_AD * w_A[:, None])
 
 
 def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, group_name: str) -> int:

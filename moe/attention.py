@@ -78,7 +78,7 @@ class MLA(nn.Module):
         q_BHTQ = torch.cat([q_nope, q_rope], dim=-1)
         k_BHTQ = torch.cat([k_nope, k_rope_B1TR.expand(B, H, T, R)], dim=-1)
 
-        if self.record_max_logits:
+        if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
             self._record_max_logits(q_BHTQ, k_BHTQ)
         out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
@@ -91,6 +91,8 @@ class MLA(nn.Module):
         backward, blockwise over queries: about 1/6 of the attention's own fwd+bwd matmul work.
         """
         T = q_BHTQ.shape[2]
+        if self.max_logits_H.dtype != torch.float32:  # model.to(bf16) cast the buffer; keep the record exact
+            self.max_logits_H = self.max_logits_H.float()
         best_H = self.max_logits_H
         for start in range(0, T, _MAX_LOGIT_BLOCK):
             end = min(start + _MAX_LOGIT_BLOCK, T)

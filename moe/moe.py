@@ -26,7 +26,21 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))  # [E, D, F]
 
     def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor) -> torch.Tensor:
-        return kernels.expert_ffn(x_ND, topk_ids_NK, topk_weights_NK, self.gate_up_proj, self.down_proj)
+        x_ND, topk_weights_NK, gate_up, down = autocast_operands(x_ND, topk_weights_NK, self.gate_up_proj, self.down_proj)
+        return kernels.expert_ffn(x_ND, topk_ids_NK, topk_weights_NK, gate_up, down)
+
+
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on, as nn.Linear would have.
+
+    Autocast does not reach custom kernels: without this the grouped GEMMs run on fp32 operands
+    (measured 30x slower on an H100 for k2-2b).
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 class MoE(nn.Module):

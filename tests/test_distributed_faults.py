@@ -120,7 +120,6 @@ def test_sigkill_then_relaunch_matches_uninterrupted(reference, tmp_path, seed, 
 
 
 def test_export_consolidates_distributed_checkpoint(reference, tmp_path):
-    pytest.importorskip("moe.hf", reason="moe/hf.py (HF interop) has not landed yet")
     from launch.export import consolidate
 
     ref_out, _ = reference

@@ -58,14 +58,16 @@ def train(name: str, args, data) -> dict:
         opt.zero_grad(set_to_none=True)
         if name == "muonclip":
             clipped_LH = opt.last_max_logits_LH > args.tau
-            model.eval()
+            # Re-measure in training mode (attention records only there), leaving router counts as they were.
+            counts = [router.tokens_per_expert_E.clone() for router in model.routers()]
             with torch.no_grad():
                 model(inputs)
+            for router, saved in zip(model.routers(), counts):
+                router.tokens_per_expert_E.copy_(saved)
             after_LH = torch.stack([attn.max_logits_H for attn in model.attentions()])
             log["max_logit_after_clip"].append(after_LH.max().item())
             # Clipped heads alone: the others were not clipped, and this step's update may lift them.
             log["clipped_heads_after_clip"].append(after_LH[clipped_LH].max().item() if clipped_LH.any() else None)
-            model.train()
         for attn in model.attentions():
             attn.reset_max_logits()
         model.update_router_biases()
