@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or TOML file with fields of TrainConfig")
     parser.add_argument("--model", dest="model_preset", help="model preset (tiny, small, k2-2b, kimi-k2)")
     parser.add_argument("--data", dest="data_path", help="text/JSONL/Parquet file, glob, directory or datasets name")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name in ("model", "data"):

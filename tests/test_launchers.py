@@ -1,0 +1,39 @@
+"""The same entry point under the `deepspeed` launcher (torchrun is covered by the distributed tests)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.config import parse_args
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from harness import REPO, free_port  # noqa: E402
+
+
+def test_local_rank_flag_from_the_deepspeed_launcher_is_accepted():
+    assert parse_args(["--local_rank=1", "--steps", "3"]).steps == 3
+
+
+@pytest.mark.distributed
+def test_deepspeed_launcher_trains_two_processes(tmp_path):
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    out = tmp_path / "run"
+    cmd = [
+        launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launch.train",
+        "--model", "tiny", "--data.tokenizer", "bytes", "--data.max_bytes", "400000",
+        "--data.cache_dir", str(tmp_path / "cache"), "--seq-len", "64", "--micro-batch-size", "4",
+        "--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--out-dir", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert summary["final_val_loss"] < summary["first_val_loss"]
+    assert (out / "deepspeed_config.json").is_file()
+
