@@ -12,7 +12,7 @@ import pytest
 from launch.config import parse_args
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from harness import REPO, free_port  # noqa: E402
+from harness import REPO, free_port, tiny_train_flags, torchrun  # noqa: E402
 
 
 def test_local_rank_flag_from_the_deepspeed_launcher_is_accepted():
@@ -25,9 +25,7 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [
         launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launch.train",
-        "--model", "tiny", "--data.tokenizer", "bytes", "--data.max_bytes", "400000",
-        "--data.cache_dir", str(tmp_path / "cache"), "--seq-len", "64", "--micro-batch-size", "4",
-        "--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--out-dir", str(out),
+        *tiny_train_flags(tmp_path, out), "--steps", "6", "--eval-every", "3", "--eval-batches", "2",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=300)
@@ -42,15 +40,11 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
 @pytest.mark.distributed
 def test_zero3_with_adamw_trains_like_zero2(tmp_path):
     """ZeRO-3 shards the weights themselves; with AdamW it must give ZeRO-2's losses (same global batch)."""
-    from harness import torchrun
-
     losses = {}
     for stage in (2, 3):
         out = tmp_path / f"zero{stage}"
-        torchrun(["-m", "launch.train", "--model", "tiny", "--data.tokenizer", "bytes", "--data.max_bytes", "400000",
-                  "--data.cache_dir", str(tmp_path / "cache"), "--seq-len", "64", "--micro-batch-size", "4",
-                  "--steps", "5", "--eval-every", "5", "--eval-batches", "2", "--zero-stage", str(stage),
-                  "--out-dir", str(out)])
+        torchrun(["-m", "launch.train", *tiny_train_flags(tmp_path, out), "--steps", "5", "--eval-every", "5",
+                  "--eval-batches", "2", "--zero-stage", str(stage)])
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[stage] = [r["lm_loss"] for r in records if "lm_loss" in r]
     assert len(losses[3]) == 5, losses

@@ -2,6 +2,8 @@
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,13 +12,12 @@ from launch.config import TrainConfig, parse_args
 from launch.train import lr_factor, run
 from moe.config import ConfigError
 
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from harness import tiny_train_flags  # noqa: E402
+
 
 def tiny_args(tmp_path, *extra):
-    return [
-        "--model", "tiny", "--data.tokenizer", "bytes", "--data.max_bytes", "400000",
-        "--data.cache_dir", str(tmp_path / "cache"), "--seq-len", "64", "--micro-batch-size", "8",
-        "--out-dir", str(tmp_path / "run"), *extra,
-    ]
+    return [*tiny_train_flags(tmp_path, tmp_path / "run", micro_batch_size=8), *extra]
 
 
 def test_defaults_are_the_cpu_demo():

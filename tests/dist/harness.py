@@ -14,6 +14,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def tiny_train_flags(tmp_path: Path, out: Path, micro_batch_size: int = 4) -> list[str]:
+    """`launch.train` flags for a seconds-long run: the tiny preset on 400 kB of stdlib bytes, 64-token sequences."""
+    return ["--model", "tiny", "--data.tokenizer", "bytes", "--data.max_bytes", "400000",
+            "--data.cache_dir", str(tmp_path / "cache"), "--seq-len", "64",
+            "--micro-batch-size", str(micro_batch_size), "--out-dir", str(out)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
