@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -230,7 +231,5 @@ def _apply_section_flags(rest: list[str], model: dict, data: dict, parser) -> No
 
 
 def default_out_dir(cfg: TrainConfig) -> str:
-    import time
-
     root = os.environ.get("KIMI_MOE_RUNS", "runs")
     return os.path.join(root, f"{cfg.model.get('preset', 'small')}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -77,7 +77,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len = {self.cfg.max_seq_len}")
         # Out-of-range ids would otherwise surface as an opaque index error (or a device assert).
         if input_ids_BT.device.type != "meta":
-            lo, hi = int(input_ids_BT.min()), int(input_ids_BT.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids_BT)).tolist()  # one host sync, not two
             if lo < 0 or hi >= V:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {V}) of this model (vocab_size = {V})")
