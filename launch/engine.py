@@ -20,7 +20,8 @@ from torch import nn
 from launch.distributed import all_reduce_router_counts
 from launch.zero_muon import ZeroMuon, zero_row_scaler
 from moe.moe import MoE
-from optim import MuonClip, qk_clip_
+from optim import MuonClip
+from optim.qk_clip import QKClip
 from optim.muon import Muon
 
 
@@ -42,6 +43,11 @@ class LocalStepper:
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
+
+    @property
+    def last_max_logits_LH(self) -> torch.Tensor | None:
+        """The max logits [L, H] the optimizer's last QK-clip acted on (None without QK-clip)."""
+        return getattr(self.optimizer, "last_max_logits_LH", None)
 
     def step(self) -> StepResult:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -66,11 +72,15 @@ class DeepSpeedStepper:
     only. A non-finite global gradient norm makes the ZeRO optimizer skip the step and clear the
     gradients; `was_step_applied` reports it."""
 
-    def __init__(self, engine, qk_clip_tau: float | None = None):
+    def __init__(self, engine, qk_clip: QKClip | None = None):
         self.engine = engine
         self.model = engine.module
-        self.qk_clip_tau = qk_clip_tau  # set when the optimizer is MuonClip: QK-clip after each step
-        self.last_max_logits_LH: torch.Tensor | None = None  # pre-clip max logits of the last step
+        self.qk_clip = qk_clip  # set when the optimizer is MuonClip: QK-clip after each step
+
+    @property
+    def last_max_logits_LH(self) -> torch.Tensor | None:
+        """The max logits [L, H] the last clip acted on (None before the first, or without QK-clip)."""
+        return None if self.qk_clip is None else self.qk_clip.last_max_logits_LH
 
     def forward(self, inputs, targets):
         return self.engine(inputs, targets)
@@ -85,8 +95,8 @@ class DeepSpeedStepper:
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         applied = bool(self.engine.was_step_applied())
-        if applied and self.qk_clip_tau is not None:
-            self.last_max_logits_LH = qk_clip_(self.model.attentions(), self.qk_clip_tau, zero_row_scaler)
+        if applied and self.qk_clip is not None:
+            self.qk_clip()
         return StepResult(norm, applied)
 
     def state_dict(self) -> dict:
@@ -162,7 +172,10 @@ def build_deepspeed_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, 
     import deepspeed
 
     stage = ds_config["zero_optimization"]["stage"]
-    qk_clip_tau = optimizer.qk_clip_tau if isinstance(optimizer, MuonClip) else None
+    qk_clip = None
+    if isinstance(optimizer, MuonClip):
+        qk_clip = optimizer.qk_clip
+        qk_clip.row_scaler = zero_row_scaler  # ZeRO's partitions hold the fp32 masters
     if isinstance(optimizer, Muon):
         if stage == 3:
             raise ValueError(
@@ -186,4 +199,4 @@ def build_deepspeed_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     if isinstance(optimizer, ZeroMuon):
         optimizer.attach(engine.optimizer)
-    return DeepSpeedStepper(engine, qk_clip_tau)
+    return DeepSpeedStepper(engine, qk_clip)

@@ -95,6 +95,8 @@ def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None
         record["skipped"] = True
     else:
         record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in stepper.model.routers()]
+        if stepper.last_max_logits_LH is not None:  # QK-clip: the largest attention logit it saw, before clipping
+            record["max_logit"] = stepper.last_max_logits_LH.max().item()
     finish_step(stepper.model, result)  # global router counts -> bias update (or a clean slate if skipped)
     return record
 

@@ -60,6 +60,17 @@ class MLA(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
+        q_BHTQ, k_BHTQ, v_BHTV = self.qkv(x_BTD, cos_TR, sin_TR)
+        if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
+            if self.max_logits_H.dtype != torch.float32:  # model.to(bf16) cast the buffer; keep the record exact
+                self.max_logits_H = self.max_logits_H.float()
+            torch.maximum(self.max_logits_H, self.head_max_logits(q_BHTQ, k_BHTQ), out=self.max_logits_H)
+        out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+        return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+
+    def qkv(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor):
+        """Per-head queries and keys [B, H, T, N+R] (no-RoPE part first) and values [B, H, T, Vh]."""
+        B, T, _ = x_BTD.shape
         H, N, R = self.num_heads, self.nope_dim, self.rope_dim
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
@@ -77,23 +88,17 @@ class MLA(nn.Module):
         k_rope_B1TR = apply_rope(k_rope_BTR.unsqueeze(1), cos_TR, sin_TR)
         q_BHTQ = torch.cat([q_nope, q_rope], dim=-1)
         k_BHTQ = torch.cat([k_nope, k_rope_B1TR.expand(B, H, T, R)], dim=-1)
-
-        if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
-            self._record_max_logits(q_BHTQ, k_BHTQ)
-        out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
-        return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return q_BHTQ, k_BHTQ, v_BHTV
 
     @torch.no_grad()
-    def _record_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> None:
-        """Fold this batch's per-head max of scale * q.k over causal pairs into max_logits_H.
+    def head_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> torch.Tensor:
+        """[H] fp32: each head's largest scale * q.k over the causal pairs of the batch.
 
         SDPA does not expose its logits, so this is one extra Q K^T product without softmax, PV or
         backward, blockwise over queries: about 1/6 of the attention's own fwd+bwd matmul work.
         """
         T = q_BHTQ.shape[2]
-        if self.max_logits_H.dtype != torch.float32:  # model.to(bf16) cast the buffer; keep the record exact
-            self.max_logits_H = self.max_logits_H.float()
-        best_H = self.max_logits_H
+        best_H = torch.full((self.num_heads,), float("-inf"), device=q_BHTQ.device)
         for start in range(0, T, _MAX_LOGIT_BLOCK):
             end = min(start + _MAX_LOGIT_BLOCK, T)
             # Keys past `end` are masked for every query in the block, so only [0, end) is read.
@@ -101,4 +106,11 @@ class MLA(nn.Module):
             causal_qk = torch.ones(end - start, end, dtype=torch.bool, device=s_BHqk.device).tril(start)
             s_BHqk.masked_fill_(~causal_qk, float("-inf"))
             best_H = torch.maximum(best_H, s_BHqk.amax(dim=(0, 2, 3)) * self.scale)
-        self.max_logits_H.copy_(best_H)
+        return best_H
+
+    @torch.no_grad()
+    def max_logits(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+        """[H] fp32: the largest logit of each head on this input with the current weights (QK-clip's
+        re-measure after an update); records nothing."""
+        q_BHTQ, k_BHTQ, _ = self.qkv(x_BTD, cos_TR, sin_TR)
+        return self.head_max_logits(q_BHTQ, k_BHTQ)

@@ -70,9 +70,9 @@ class Transformer(nn.Module):
     def attentions(self) -> list[MLA]:
         return [block.self_attn for block in self.layers]
 
-    def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
-        B, T = input_ids_BT.shape
-        V = self.cfg.vocab_size
+    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, T, D], before the final norm and the head."""
+        T, V = input_ids_BT.shape[1], self.cfg.vocab_size
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len = {self.cfg.max_seq_len}")
         # Out-of-range ids would otherwise surface as an opaque index error (or a device assert).
@@ -86,6 +86,12 @@ class Transformer(nn.Module):
         cos_TR, sin_TR = rope_cos_sin(positions_T, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, x_BTD.dtype)
         for block in self.layers:
             x_BTD = block(x_BTD, cos_TR, sin_TR)
+        return x_BTD
+
+    def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
+        B, T = input_ids_BT.shape
+        V = self.cfg.vocab_size
+        x_BTD = self.hidden_states(input_ids_BT)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if targets_BT is None:
             return ModelOutput(logits_BTV)

@@ -15,12 +15,23 @@ largest one becomes tau. The RoPE key is shared by all heads: scaling it would t
 hence the whole factor goes on the head's own RoPE query. All of these are rows of a projection
 weight (see moe/attention.py's layout note), so the clip is a per-row scaling of two weights.
 
-For the data-parallel / ZeRO engine (launch/), the pieces are public:
+K2's rule (Algorithm 1) takes S_h from the step's forwards, i.e. from the weights *before* the
+update, and clips the updated weights: the update itself may have grown the logits further, so a
+head can still sit above tau after its clip (by ~2-7% per step at 150x K2's learning rate, measured
+by optim.experiments.qk_clip). With `remeasure` (the default) the clip is exact instead: after the
+update, one no-grad forward of the step's last micro-batch measures every layer's logits with the
+updated weights just before that layer runs, and clips with max(S_h from the step, S_h re-measured).
+Layer l is clipped before layer l+1 is measured, so the measured inputs are those of the final
+weights: re-running that micro-batch afterwards gives at most tau in every head (up to rounding).
+It costs one forward of one micro-batch per optimizer step (1 / (3 * grad_accum) of the step's
+forward+backward); `remeasure=False` is K2's rule as published.
+
+The pieces, for callers that own the weights in another form (launch/ under ZeRO):
 
     max_LH = reduce_max_logits(attentions)            # stacks max_logits_H, all-reduce MAX if dist is up
     gamma_LH = clip_factors(max_LH, tau)              # 1 where S_h <= tau
     q_P, kv_P = mla_row_scales(gamma_H, N, R, Vh)     # per-row factors for query_proj / kv_b_proj
-    qk_clip_(attentions, tau, row_scaler)             # all of the above, then reset the records
+    QKClip(model, tau, remeasure, row_scaler)()       # all of the above after an update, records reset
 
 A `row_scaler(param, scale_P)` must scale row p of the weight that the next forward will use, in
 the precision it is kept in. The default scales `param.data`; `MuonClip` scales its fp32 master copy
@@ -31,7 +42,8 @@ the precision it is kept in. The default scales `param.data`; `MuonClip` scales 
         deepspeed.utils.safe_set_full_fp32_param(param, scale_rows_(w, scale_P))
 
 Cost: the records are one extra no-grad Q K^T per attention in the forward (moe/attention.py); the
-clip itself is one all-reduce of L*H floats and, for clipped layers only, two row scalings.
+clip is one all-reduce of L*H floats (plus L small ones when re-measuring) and, for clipped layers
+only, two row scalings.
 """
 
 from __future__ import annotations
@@ -78,18 +90,29 @@ def scale_param_rows_(param: nn.Parameter, scale_P: torch.Tensor) -> None:
     scale_rows_(param.data, scale_P)
 
 
-def reduce_max_logits(attentions: Sequence[nn.Module]) -> torch.Tensor:
-    """max_LH: every layer's recorded per-head max logit, maxed over data-parallel ranks when a process
-    group is initialised (each rank saw different batches; all must apply the same clip)."""
-    max_LH = torch.stack([attn.max_logits_H.float() for attn in attentions])
+def all_reduce_max_(max_logits: torch.Tensor) -> torch.Tensor:
+    """Max over data-parallel ranks, in place, when a process group is initialised (each rank saw
+    different batches; all must apply the same clip). Returns the tensor."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(max_LH, op=dist.ReduceOp.MAX)
-    return max_LH
+        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)
+    return max_logits
+
+
+def reduce_max_logits(attentions: Sequence[nn.Module]) -> torch.Tensor:
+    """max_LH: every layer's recorded per-head max logit, maxed over data-parallel ranks."""
+    return all_reduce_max_(torch.stack([attn.max_logits_H.float() for attn in attentions]))
+
+
+def clip_layer_(attn: nn.Module, gamma_H: torch.Tensor, row_scaler: RowScaler) -> None:
+    """Scale one MLA's query and k_nope rows by the head factors gamma_H (see the module docstring)."""
+    q_P, kv_P = mla_row_scales(gamma_H, attn.nope_dim, attn.rope_dim, attn.v_dim)
+    row_scaler(attn.query_proj().weight, q_P)
+    row_scaler(attn.kv_b_proj.weight, kv_P)
 
 
 @torch.no_grad()
 def qk_clip_(attentions: Sequence[nn.Module], tau: float, row_scaler: RowScaler = scale_param_rows_) -> torch.Tensor:
-    """Clip every head over tau in every MLA of `attentions`, then reset their records.
+    """K2's rule: clip every head whose recorded max logit is over tau, then reset the records.
 
     Returns the max logits [L, H] the clip acted on (before clipping), for logging.
     """
@@ -98,38 +121,103 @@ def qk_clip_(attentions: Sequence[nn.Module], tau: float, row_scaler: RowScaler 
     clipped_L = (gamma_LH < 1).any(dim=1).tolist()  # one host sync for all layers
     for attn, gamma_H, clipped in zip(attentions, gamma_LH, clipped_L):
         if clipped:
-            q_P, kv_P = mla_row_scales(gamma_H, attn.nope_dim, attn.rope_dim, attn.v_dim)
-            row_scaler(attn.query_proj().weight, q_P)
-            row_scaler(attn.kv_b_proj.weight, kv_P)
+            clip_layer_(attn, gamma_H, row_scaler)
         attn.reset_max_logits()
     return max_LH
 
 
-class MuonClip(Muon):
-    """Muon (+ AdamW groups) followed, inside each `step()`, by QK-clip on the given attentions.
+class QKClip:
+    """QK-clip for one model: call it after each optimizer update.
 
-    Construction switches on the attentions' max-logit records. The clip uses what the forwards since
-    the previous step recorded (all micro-batches of this step), acts on the weights just updated,
-    and resets the records. `last_max_logits_LH` keeps the pre-clip max logits of the last step.
-    Replace `row_scaler` when another component owns the master weights (see the module docstring).
+    Construction switches on the model's max-logit records and, with `remeasure`, a forward pre-hook
+    that remembers the input ids (and autocast settings) of the last forward that builds a graph in
+    training mode: the step's last micro-batch. A call clips as the module docstring says, resets
+    the records and returns the [L, H] max logits the clip acted on (also `last_max_logits_LH`).
+    `row_scaler` is an attribute: replace it when another component owns the master weights.
     """
 
-    def __init__(self, param_groups: list[dict], attentions: Sequence[nn.Module], qk_clip_tau: float = 100.0):
-        if not qk_clip_tau > 0:
-            raise ValueError(f"qk_clip_tau = {qk_clip_tau!r}; must be > 0")
-        super().__init__(param_groups)
-        self.attentions = list(attentions)
-        self.qk_clip_tau = qk_clip_tau
-        self.row_scaler: RowScaler = self.scale_master_rows
+    def __init__(self, model: nn.Module, tau: float = 100.0, remeasure: bool = True,
+                 row_scaler: RowScaler = scale_param_rows_):
+        if not tau > 0:
+            raise ValueError(f"qk_clip_tau = {tau!r}; must be > 0")
+        if not hasattr(model, "attentions"):
+            raise ValueError(f"QK-clip needs a model with .attentions() listing its MLA modules; "
+                             f"{type(model).__name__} has none")
+        self.model, self.attentions = model, list(model.attentions())
+        self.tau, self.remeasure, self.row_scaler = tau, remeasure, row_scaler
         self.last_max_logits_LH: torch.Tensor | None = None
+        self._batch: tuple | None = None  # (input ids, autocast on, autocast dtype) of the last training forward
         for attn in self.attentions:
             attn.record_max_logits = True
             attn.reset_max_logits()
+        if remeasure:
+            model.register_forward_pre_hook(self._remember_batch, with_kwargs=True)
+
+    def _remember_batch(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if model.training and torch.is_grad_enabled():
+            ids = args[0] if args else kwargs["input_ids_BT"]
+            device = ids.device.type
+            self._batch = (ids, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        if self.remeasure and self._batch is not None:
+            max_LH = self._clip_while_reforwarding(reduce_max_logits(self.attentions))
+            for attn in self.attentions:
+                attn.reset_max_logits()
+        else:
+            max_LH = qk_clip_(self.attentions, self.tau, self.row_scaler)
+        self._batch = None
+        self.last_max_logits_LH = max_LH
+        return max_LH
+
+    def _clip_while_reforwarding(self, max_LH: torch.Tensor) -> torch.Tensor:
+        """Re-run the remembered micro-batch; before each MLA runs, fold its logits under the current
+        (updated, earlier layers already clipped) weights into max_LH[layer] and clip that layer."""
+        ids, autocast_on, autocast_dtype = self._batch
+
+        def clip_before(layer: int):
+            def hook(attn: nn.Module, args: tuple) -> None:
+                S_H = all_reduce_max_(attn.max_logits(*args))
+                torch.maximum(max_LH[layer], S_H, out=max_LH[layer])
+                gamma_H = clip_factors(max_LH[layer], self.tau)
+                if (gamma_H < 1).any():  # one host sync per layer, once per optimizer step
+                    clip_layer_(attn, gamma_H, self.row_scaler)
+            return hook
+
+        handles = [attn.register_forward_pre_hook(clip_before(i)) for i, attn in enumerate(self.attentions)]
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()  # eval: the routers' load counts and the attention records stay as they are
+        try:
+            with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_on):
+                self.model.hidden_states(ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, training in modes:
+                module.training = training
+        return max_LH
+
+
+class MuonClip(Muon):
+    """Muon (+ AdamW groups) followed, inside each `step()`, by QK-clip on `model`'s attentions.
+
+    The clip acts on the weights just updated (`QKClip`, exact by default; `remeasure=False` for
+    K2's rule as published). `last_max_logits_LH` holds the max logits the last clip acted on.
+    """
+
+    def __init__(self, param_groups: list[dict], model: nn.Module, qk_clip_tau: float = 100.0, remeasure: bool = True):
+        super().__init__(param_groups)
+        self.qk_clip = QKClip(model, qk_clip_tau, remeasure, row_scaler=self.scale_master_rows)
+
+    @property
+    def last_max_logits_LH(self) -> torch.Tensor | None:
+        return self.qk_clip.last_max_logits_LH
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = super().step(closure)
-        self.last_max_logits_LH = qk_clip_(self.attentions, self.qk_clip_tau, self.row_scaler)
+        self.qk_clip()
         return loss
 
     def scale_master_rows(self, param: nn.Parameter, scale_P: torch.Tensor) -> None:
@@ -145,10 +233,7 @@ class MuonClip(Muon):
 
 def build(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
           nesterov: bool = True, ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95),
-          eps: float = 1e-8, qk_clip_tau: float = 100.0) -> MuonClip:
+          eps: float = 1e-8, qk_clip_tau: float = 100.0, qk_clip_remeasure: bool = True) -> MuonClip:
     """The registry's "muonclip": `optim.muon.build`'s groups, QK-clip at tau on `model.attentions()`."""
-    if not hasattr(model, "attentions"):
-        raise ValueError(f"muonclip needs a model with .attentions() listing its MLA modules; "
-                         f"{type(model).__name__} has none")
     groups = model_param_groups(model, lr, weight_decay, momentum, nesterov, ns_steps, betas, eps)
-    return MuonClip(groups, model.attentions(), qk_clip_tau)
+    return MuonClip(groups, model, qk_clip_tau, qk_clip_remeasure)

@@ -22,8 +22,8 @@ def args(tmp_path, out, *extra):
     ]
 
 
-def losses(out):
-    return {r["step"]: r["lm_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lm_loss" in r}
+def losses(out, key="lm_loss"):
+    return {r["step"]: r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r}
 
 
 def final_weights(out, step=6):
@@ -58,6 +58,8 @@ def test_resume_is_bit_identical(uninterrupted):
     ref, got = losses(full), losses(resumed)
     assert sorted(got) == [5, 6]
     assert all(got[s] == ref[s] for s in got)  # bit-identical losses after the resume
+    # MuonClip logs the largest attention logit its clip saw; the resumed run sees the same ones.
+    assert losses(resumed, "max_logit") == {s: losses(full, "max_logit")[s] for s in (5, 6)}
     a, b = final_weights(full), final_weights(resumed)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"]

@@ -3,8 +3,9 @@
 All checks share one torchrun launch (tests/dist/parity_check.py); see its docstring for what each
 compares. Tolerances: losses agree to 1e-6 relative over 5 steps (measured ~1.5e-7: fp32 summation
 order of the gradient all-reduce). Final weights agree to 1e-4 relative to the largest weight with
-MuonClip and 1e-3 with AdamW (measured 3e-5 and 2e-4): Adam divides by sqrt(v), so on weights
-whose gradient is ~0 the rounding noise of the reduction becomes a full-size update.
+MuonClip and 1e-3 with AdamW (measured 2e-5 and 5e-4): Adam divides by sqrt(v), so on weights
+whose gradient is ~0 the rounding noise of the reduction becomes an update of its own (the script
+raises Adam's eps to 1e-6 to keep the worst of it, a full-size step, out).
 """
 
 import sys

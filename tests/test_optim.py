@@ -145,7 +145,7 @@ def test_build_registry_and_dotted_paths():
     assert isinstance(optim.build("adamw", model, lr=1e-3), torch.optim.AdamW)
     assert type(optim.build("muon", model, lr=1e-3, ns_steps=4)) is optim.Muon
     clip = optim.build("muonclip", model, lr=1e-3, qk_clip_tau=30.0)
-    assert isinstance(clip, optim.MuonClip) and clip.qk_clip_tau == 30.0
+    assert isinstance(clip, optim.MuonClip) and clip.qk_clip.tau == 30.0
     assert all(a.record_max_logits for a in model.attentions())
     sgd = optim.build("torch.optim.SGD", model, lr=0.1, momentum=0.9)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9

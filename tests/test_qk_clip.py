@@ -1,7 +1,8 @@
-"""QK-clip: heads over tau end at tau, the rest and every other layer are untouched, masters change.
+"""QK-clip: heads over tau end at tau, the rest and every other layer are untouched, masters change;
+with the re-measure (the default), no head is over tau when the step's batch is run again.
 
 The logits are recomputed by hand from the weights (q and k rebuilt row by row, RoPE applied to
-the interleaved pairs directly) on the attention inputs captured during the step's forward.
+the interleaved pairs directly) on the attention inputs captured during a forward.
 """
 
 import math
@@ -103,7 +104,8 @@ def test_clip_brings_heads_over_tau_to_tau_and_leaves_the_rest_bit_identical(q_l
     inflate_head(attn0, 1, 300.0, 30.0)
     inflate_head(attn1, 2, 200.0, 40.0)
     inflate_head(attn1, 3, 150.0, 50.0)
-    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU)  # lr 0: the clip is the only change
+    # lr 0: the clip is the only change. K2's rule (no re-measure): the logits of the step's forward.
+    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU, qk_clip_remeasure=False)
     inputs = capture_attention_inputs(model)
     step_once(model, opt)
 
@@ -127,7 +129,8 @@ def test_unclipped_heads_bit_identical_and_recorded_max_is_exact():
     attn0 = model.attentions()[0]
     inflate_head(attn0, 1, 300.0, 30.0)
     inputs = capture_attention_inputs(model)
-    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU)
+    # K2's rule: a re-measure would run layer 1 on layer 0's clipped output (tested below).
+    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU, qk_clip_remeasure=False)
     ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
     model(ids[:, :-1], ids[:, 1:]).loss.backward()
     before = [head_logits(a, inputs[i], theta) for i, a in enumerate(model.attentions())]
@@ -167,7 +170,7 @@ def test_clip_acts_on_the_updated_weights():
     clipped, plain = tiny_model(), tiny_model()
     for m in (clipped, plain):
         inflate_head(m.attentions()[0], 0, 300.0, 30.0)
-    opt_clip = optim.build("muonclip", clipped, lr=1e-2, qk_clip_tau=TAU)
+    opt_clip = optim.build("muonclip", clipped, lr=1e-2, qk_clip_tau=TAU, qk_clip_remeasure=False)
     opt_plain = optim.build("muon", plain, lr=1e-2)
     step_once(clipped, opt_clip)
     step_once(plain, opt_plain)
@@ -194,9 +197,10 @@ def test_bf16_model_clips_its_fp32_master(master_scaled):
     theta = model.cfg.rope_theta
     attn = model.attentions()[0]
     inflate_head(attn, 1, 300.0, 30.0)
-    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU)
+    # K2's rule: the second step's clip then sees only its forward's logits, so a lost clip shows.
+    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU, qk_clip_remeasure=False)
     if not master_scaled:
-        opt.row_scaler = scale_param_rows_
+        opt.qk_clip.row_scaler = scale_param_rows_
     inputs = capture_attention_inputs(model)
     Wq0 = attn.q_b_proj.weight.detach().float()
     step_once(model, opt)
@@ -217,6 +221,75 @@ def test_bf16_model_clips_its_fp32_master(master_scaled):
         assert logits_max <= TAU * 1.02  # bf16 weights and bf16-computed records: ~1% rounding
     else:
         assert logits_max > 1.5 * TAU  # the clip was lost
+
+
+def max_after_each_clip(remeasure, lr, dtype=torch.float32, q_lora_rank=32, steps=6):
+    """MuonClip steps on a model with one inflated head per layer; after each step the step's batch is
+    run again and every head's logits recomputed by hand. Returns [steps] of the largest of them."""
+    model = tiny_model(dtype, q_lora_rank=q_lora_rank)
+    theta = model.cfg.rope_theta
+    inflate_head(model.attentions()[0], 1, 300.0, 30.0)
+    inflate_head(model.attentions()[1], 2, 300.0, 30.0)
+    opt = optim.build("muonclip", model, lr=lr, qk_clip_tau=TAU, qk_clip_remeasure=remeasure)
+    inputs = capture_attention_inputs(model)
+    after = []
+    for step in range(steps):
+        ids = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(step))
+        model(ids[:, :-1], ids[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            model(ids[:, :-1])  # refills `inputs` with what each MLA now receives for this batch
+        model.train()
+        after.append(max(s.max().item() for i, a in enumerate(model.attentions()) for s in head_logits(a, inputs[i], theta)))
+    return after
+
+
+@pytest.mark.parametrize("lr, dtype, q_lora_rank, rtol", [
+    (1e-2, torch.float32, 32, 1e-5),
+    (1e-1, torch.float32, None, 1e-5),  # q_proj instead of q_a/q_b
+    (3e-2, torch.bfloat16, 32, 2e-2),  # bf16 weights, fp32 masters; bf16 q and k: ~1% rounding
+])
+def test_remeasured_clip_leaves_every_head_at_or_below_tau_on_the_same_batch(lr, dtype, q_lora_rank, rtol):
+    """The update moves the logits after the step's forward measured them (here: both inflated heads
+    amplify any change of the shared low-rank query input), and layer 0's clip changes layer 1's
+    input. K2's rule then leaves heads above tau; the re-measured clip does not."""
+    exact = max_after_each_clip(True, lr, dtype, q_lora_rank)
+    assert max(exact) <= TAU * (1 + rtol), exact
+    assert max(exact) >= TAU * (1 - rtol), exact  # the clipped heads land on tau, not below it
+    k2_rule = max_after_each_clip(False, lr, dtype, q_lora_rank)
+    assert max(k2_rule) > 1.2 * TAU, k2_rule
+
+
+def _rank_remeasures(rank, world_size, init_file, out_dir):
+    """lr 0: the clip is the only change. Each rank re-measures its own batch; the clip must still
+    be the same everywhere (max over ranks, layer by layer) and keep each rank's batch under tau."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model = tiny_model()
+    theta = model.cfg.rope_theta
+    inflate_head(model.attentions()[0], 1, 300.0, 30.0)
+    inflate_head(model.attentions()[1], 2, 300.0, 30.0)
+    opt = optim.build("muonclip", model, lr=0.0, qk_clip_tau=TAU)
+    inputs = capture_attention_inputs(model)
+    step_once(model, opt, seed=rank)
+    after = [[s.max().item() for s in head_logits(a, inputs[i], theta)] for i, a in enumerate(model.attentions())]
+    weights = {k: v for k, v in model.state_dict().items() if "q_b_proj" in k or "kv_b_proj" in k}
+    torch.save({"after": after, "weights": weights, "max_LH": opt.last_max_logits_LH},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_remeasured_clip_is_the_same_on_every_data_parallel_rank():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_remeasures, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2)
+        r0, r1 = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    assert torch.equal(r0["max_LH"], r1["max_LH"])
+    assert (r0["max_LH"] > TAU).sum() == 2
+    for name, w in r0["weights"].items():
+        assert torch.equal(w, r1["weights"][name]), name
+    for res in (r0, r1):
+        assert max(max(layer) for layer in res["after"]) <= TAU * (1 + 1e-5)
 
 
 def _rank_clips(rank, world_size, init_file, out_dir):

@@ -36,7 +36,9 @@ DATA = torch.randint(0, CFG.vocab_size, (STEPS, GA, MBS * world, T + 1), generat
 
 def optimizer(name, model, tau):
     extra = {"qk_clip_tau": tau} if name == "muonclip" else {}
-    return optim.build(name, model, lr=1e-2, weight_decay=0.1, **extra)
+    # Adam's eps at 1e-6, not 1e-8: a gradient element that is ~0 up to rounding (seen: 7e-9 among
+    # 1e-4..1e-2) would otherwise take a full-size step whose sign is the summation order's.
+    return optim.build(name, model, lr=1e-2, weight_decay=0.1, eps=1e-6, **extra)
 
 
 def run(stepper, shard: bool):
