@@ -51,6 +51,8 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ExpertParallelExperts(_DeepSpeedMoEMarker):
+    row_blocks = RoutedExperts.row_blocks  # the same [L, 2F, D] gate/up layout
+
     def __init__(self, experts: RoutedExperts, ep_group: dist.ProcessGroup, group_name: str):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ builds its own gate and experts: skipped
         E = experts.gate_up_proj.shape[0]

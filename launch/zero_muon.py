@@ -87,7 +87,8 @@ class ZeroMuon(torch.optim.Optimizer):
             grad = grad_W[offset:offset + numel].view(shape)
             if j not in momenta:
                 momenta[j] = torch.zeros_like(grad)
-            full = muon_update(grad, momenta[j], group["momentum"], group["nesterov"], group["ns_steps"], group["ns_dtype"])
+            full = muon_update(grad, momenta[j], group["momentum"], group["nesterov"], group["ns_steps"],
+                               group["ns_dtype"], group["row_blocks"])
             update_S[lo - start:hi - start] = full.reshape(-1)[lo - offset:hi - offset].to(update_S.dtype)
         return update_S
 

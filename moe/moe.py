@@ -20,6 +20,10 @@ class RoutedExperts(nn.Module):
     slice of the experts and moves tokens between processes; the call signature stays the same.
     """
 
+    # gate_up_proj stacks two matrices per expert along its rows: gate's F rows, then up's F rows.
+    # Whoever treats matrices one by one (Muon's orthogonalisation) reads the split from here.
+    row_blocks = {"gate_up_proj": 2}
+
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size))  # [E, 2F, D]

@@ -4,9 +4,11 @@
     python -m optim.bench --preset k2-2b --experts 64 --batch-size 4 --seq-len 2048   # one GPU
 
 Measures, on the chosen device:
-  1. Newton-Schulz (5 steps) on Kimi K2's expert shapes, batched [E, M, N]: gate_up_proj [2F, D] =
-     [4096, 7168] and down_proj [D, F] = [7168, 2048] per expert; --experts of the 384 are timed and
-     the per-expert time is multiplied out to all 384 experts of the 60 MoE layers (stated in the JSON).
+  1. Newton-Schulz (5 steps) on Kimi K2's expert matrices, batched [E, M, N], as Muon runs them:
+     gate_up_proj [2F, D] as its two [F, D] = [2048, 7168] halves (gate and up, `row_blocks` 2) and
+     down_proj [D, F] = [7168, 2048] per expert; --experts of the 384 are timed and the per-expert
+     time is multiplied out to all 384 experts of the 60 MoE layers (stated in the JSON). The fused
+     [4096, 7168] gate_up matrix that Muon orthogonalised before the split is timed too, for comparison.
   2. For a preset that fits the device: one micro-batch's forward+backward, the whole optimizer step
      (Muon + AdamW groups), its Newton-Schulz part, and the forward+backward with MLA's max-logit
      records switched on (what MuonClip costs in the forward).
@@ -28,9 +30,11 @@ import optim
 from moe.config import preset
 from moe.model import Transformer
 from moe.params import count_parameters
-from optim.muon import split_params, zeropower_via_newtonschulz5
+from optim.muon import model_param_groups, zeropower_via_newtonschulz5
 
-K2_EXPERT_SHAPES = {"gate_up_proj": (4096, 7168), "down_proj": (7168, 2048)}
+# Per expert: (matrices, rows, cols) as Muon orthogonalises them.
+K2_EXPERT_MATRICES = {"gate_up_proj (gate, up)": (2, 2048, 7168), "down_proj": (1, 7168, 2048)}
+K2_FUSED_GATE_UP = (1, 4096, 7168)  # orthogonalised whole before row_blocks; not part of the step
 K2_EXPERTS, K2_MOE_LAYERS = 384, 60
 K2_TOKENS_PER_STEP = 67_000_000  # Kimi K2 tech report §3: global batch of ~67M tokens
 
@@ -62,29 +66,38 @@ def ns_flops(shape: tuple[int, ...], steps: int = 5) -> float:
 
 def bench_k2_experts(device, experts: int, repeats: int) -> dict:
     out = {}
-    for name, (rows, cols) in K2_EXPERT_SHAPES.items():
-        G = torch.randn(experts, rows, cols, device=device)
+    for name, (blocks, rows, cols) in {**K2_EXPERT_MATRICES, "fused gate_up_proj (before the split)": K2_FUSED_GATE_UP}.items():
+        G = torch.randn(experts * blocks, rows, cols, device=device)
         seconds = timed(lambda: zeropower_via_newtonschulz5(G), device, repeats)
         per_expert = seconds / experts
         out[name] = {
-            "shape_timed": [experts, rows, cols],
+            "shape_timed": list(G.shape),
             "seconds": seconds,
             "tflops": ns_flops(G.shape) / seconds / 1e12,
             "seconds_per_expert": per_expert,
             "seconds_all_384_experts_per_layer (extrapolated)": per_expert * K2_EXPERTS,
         }
         del G
-    per_step = sum(v["seconds_per_expert"] for v in out.values()) * K2_EXPERTS * K2_MOE_LAYERS
+    per_step = sum(out[name]["seconds_per_expert"] for name in K2_EXPERT_MATRICES) * K2_EXPERTS * K2_MOE_LAYERS
     out["seconds_per_step_all_moe_layers_one_device (extrapolated)"] = per_step
     return out
+
+
+def muon_matrices(model) -> list[tuple[int, ...]]:
+    """The [count, rows, cols] batches Muon orthogonalises for `model`: each parameter's row blocks."""
+    shapes = []
+    for group in model_param_groups(model):
+        if group["use_muon"]:
+            k = group["row_blocks"]
+            shapes += [(p.numel() // (p.shape[-2] * p.shape[-1]) * k, p.shape[-2] // k, p.shape[-1]) for p in group["params"]]
+    return shapes
 
 
 def k2_flop_ratio() -> dict:
     cfg = preset("kimi-k2")
     with torch.device("meta"):
         model = Transformer(cfg)
-    muon, _ = split_params(model)
-    ns = sum(ns_flops(p.shape) for p in muon)
+    ns = sum(ns_flops(shape) for shape in muon_matrices(model))
     active = count_parameters(model)["active"]
     train = 6 * active * K2_TOKENS_PER_STEP
     return {"ns_flops_per_step": ns, "train_flops_per_step (6 * active * tokens)": train,
@@ -115,8 +128,9 @@ def bench_preset(name: str, device, batch_size: int, seq_len: int, repeats: int)
     fwd_bwd()
     # The step changes the weights; timing it repeatedly on the same gradients is fine for speed.
     t_step = timed(opt.step, device, repeats)
-    muon_params = opt.param_groups[0]["params"]
-    t_ns = timed(lambda: [zeropower_via_newtonschulz5(p.grad) for p in muon_params], device, repeats)
+    grads = [p.grad.reshape(-1, p.shape[-2] // g["row_blocks"], p.shape[-1])
+             for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    t_ns = timed(lambda: [zeropower_via_newtonschulz5(grad) for grad in grads], device, repeats)
     counts = count_parameters(model)
     return {
         "preset": name, "params_total": counts["total"], "params_active": counts["active"],
@@ -126,6 +140,7 @@ def bench_preset(name: str, device, batch_size: int, seq_len: int, repeats: int)
         "max_logit_record_overhead": t_fwd_bwd_rec / t_fwd_bwd - 1,
         "optimizer_step_s (Muon + AdamW groups)": t_step,
         "newton_schulz_s": t_ns,
+        "newton_schulz_flops": sum(ns_flops(shape) for shape in muon_matrices(model)),
         "optimizer_step_over_fwd_bwd": t_step / t_fwd_bwd,
         "newton_schulz_over_fwd_bwd": t_ns / t_fwd_bwd,
     }

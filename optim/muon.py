@@ -4,7 +4,8 @@ Shape legend: E experts (a batch of matrices), M rows (fan_out), N columns (fan_
 
 Two pure update functions carry the maths (`muon_update`, `adamw_update`); `Muon` is a thin
 `torch.optim.Optimizer` that owns the state and applies them, group by group (`use_muon` True or
-False). `split_params` decides from the model which parameters get which rule.
+False). `split_params` decides from the model which parameters get which rule, and `row_blocks`
+which Muon parameters are fused stacks of several matrices (a gate and an up projection).
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"): keep a Nesterov momentum of the
 gradient, replace it by the nearest semi-orthogonal matrix (approximately U V^T of its SVD, found by
@@ -26,7 +27,8 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7  # as torch.optim.Muon: guards the Frobenius normalisation of an all-zero update
 
-MUON_DEFAULTS = {"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "ns_steps": 5, "ns_dtype": None}
+MUON_DEFAULTS = {"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "ns_steps": 5, "ns_dtype": None,
+                 "row_blocks": 1}
 ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 OPTIONAL_GROUP_KEYS = ("name",)  # a label for logs; never read by the update
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -65,21 +67,24 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
 
 
 def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
-                ns_steps: int = 5, ns_dtype: torch.dtype | None = None) -> torch.Tensor:
+                ns_steps: int = 5, ns_dtype: torch.dtype | None = None, row_blocks: int = 1) -> torch.Tensor:
     """The Muon step direction for one weight [..., M, N], RMS-matched to AdamW; updates momentum_buf.
 
         B <- mu B + (1 - mu) g                 (momentum_buf, an EMA: same direction as B <- mu B + g)
         U <- (1 - mu) g + mu B  if nesterov else B
         O <- NS5(U) * 0.2 * sqrt(max(M, N))    (Moonlight eq. 4: RMS(O) ~ 0.2, as AdamW's update)
 
-    The caller applies W <- W * (1 - lr * wd) - lr * O. With ns_dtype=torch.bfloat16 this is what
-    torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does to a 2-D weight.
+    row_blocks = k says the weight stacks k separate matrices of M/k rows each (a fused gate and up
+    projection: k = 2); each is orthogonalised and RMS-matched on its own, as if stored apart.
+    The caller applies W <- W * (1 - lr * wd) - lr * O. With ns_dtype=torch.bfloat16 and k = 1 this
+    is what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does to a 2-D weight.
     """
     momentum_buf.lerp_(grad, 1 - momentum)
     update = grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
-    fan_out, fan_in = grad.shape[-2:]
-    O = zeropower_via_newtonschulz5(update, ns_steps, ns_dtype).to(grad.dtype)
-    return O.mul_(0.2 * math.sqrt(max(fan_out, fan_in)))
+    *_, M, N = grad.shape
+    rows = M // row_blocks
+    O = zeropower_via_newtonschulz5(update.reshape(-1, rows, N), ns_steps, ns_dtype).to(grad.dtype).reshape(grad.shape)
+    return O.mul_(0.2 * math.sqrt(max(rows, N)))
 
 
 def adamw_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -123,6 +128,22 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return muon, adamw
 
 
+def row_blocks(model: nn.Module) -> dict[int, int]:
+    """{id(param): k} for the parameters that stack k separate matrices along their rows, as their
+    modules declare in a `row_blocks` dict of parameter name -> k (RoutedExperts: gate_up_proj, 2).
+
+    Muon orthogonalises each of those matrices on its own, as Megatron's Muon splits a fused QKV: a
+    fused gate_up_proj is two linear maps, and the dense MLP and shared expert, which store gate_proj
+    and up_proj apart, get exactly that. It is also cheaper: for Kimi K2's [4096, 7168] gate_up_proj,
+    two [2048, 7168] iterations take 2.25x fewer FLOPs than one.
+    """
+    blocks = {}
+    for module in model.modules():
+        for name, k in getattr(module, "row_blocks", {}).items():
+            blocks[id(getattr(module, name))] = k
+    return blocks
+
+
 class Muon(torch.optim.Optimizer):
     """Muon on the groups with `use_muon=True`, AdamW on the others, one object for the trainer.
 
@@ -162,7 +183,7 @@ class Muon(torch.optim.Optimizer):
                 grad = p.grad.to(master.dtype)
                 if group["use_muon"]:
                     update = muon_update(grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
-                                         group["ns_steps"], group["ns_dtype"])
+                                         group["ns_steps"], group["ns_dtype"], group["row_blocks"])
                 else:
                     state["step"] += 1
                     update = adamw_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
@@ -214,13 +235,17 @@ def _validated(group: dict) -> dict:
     if group["use_muon"]:
         if not 0 <= group["momentum"] < 1:
             raise ValueError(f"Muon group momentum = {group['momentum']!r}; must be in [0, 1)")
-        if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
-            raise ValueError(f"Muon group ns_steps = {group['ns_steps']!r}; must be an int >= 1")
+        for key in ("ns_steps", "row_blocks"):
+            if not (isinstance(group[key], int) and group[key] >= 1):
+                raise ValueError(f"Muon group {key} = {group[key]!r}; must be an int >= 1")
         params = list(group["params"]) if not torch.is_tensor(group["params"]) else [group["params"]]
         for p in params:
             if p.ndim not in (2, 3):
                 raise ValueError(f"Muon group holds a parameter of shape {tuple(p.shape)}; Muon takes matrices "
                                  "[M, N] or expert stacks [E, M, N], put it in a use_muon=False group")
+            if p.shape[-2] % group["row_blocks"]:
+                raise ValueError(f"Muon group row_blocks = {group['row_blocks']} does not divide the {p.shape[-2]} "
+                                 f"rows of a parameter of shape {tuple(p.shape)}")
         group["params"] = params
     else:
         if not (len(group["betas"]) == 2 and all(0 <= b < 1 for b in group["betas"])):
@@ -233,13 +258,19 @@ def _validated(group: dict) -> dict:
 def model_param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                        nesterov: bool = True, ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95),
                        eps: float = 1e-8) -> list[dict]:
-    """A Muon group for the model's hidden matrices and an AdamW group for the rest (`split_params`),
-    with the same lr and weight decay (the Moonlight matching makes that right)."""
+    """Muon groups for the model's hidden matrices (one per `row_blocks` value: "muon" for plain
+    matrices, "muon_2_row_blocks" for fused gate/up stacks) and an AdamW group for the rest
+    (`split_params`), all with the same lr and weight decay (the Moonlight matching makes that right)."""
     muon_params, adamw_params = split_params(model)
-    groups = [dict(params=muon_params, use_muon=True, name="muon", lr=lr, weight_decay=weight_decay,
-                   momentum=momentum, nesterov=nesterov, ns_steps=ns_steps),
-              dict(params=adamw_params, use_muon=False, name="adamw", lr=lr, weight_decay=weight_decay,
-                   betas=tuple(betas), eps=eps)]
+    blocks = row_blocks(model)
+    by_blocks: dict[int, list] = {}
+    for p in muon_params:
+        by_blocks.setdefault(blocks.get(id(p), 1), []).append(p)
+    groups = [dict(params=params, use_muon=True, name="muon" if k == 1 else f"muon_{k}_row_blocks", lr=lr,
+                   weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, row_blocks=k)
+              for k, params in sorted(by_blocks.items())]
+    groups.append(dict(params=adamw_params, use_muon=False, name="adamw", lr=lr, weight_decay=weight_decay,
+                       betas=tuple(betas), eps=eps))
     return [g for g in groups if g["params"]]
 
 
