@@ -10,8 +10,9 @@ Measures, on the chosen device:
      time is multiplied out to all 384 experts of the 60 MoE layers (stated in the JSON). The fused
      [4096, 7168] gate_up matrix that Muon orthogonalised before the split is timed too, for comparison.
   2. For a preset that fits the device: one micro-batch's forward+backward, the whole optimizer step
-     (Muon + AdamW groups), its Newton-Schulz part, and the forward+backward with MLA's max-logit
-     records switched on (what MuonClip costs in the forward).
+     (Muon + AdamW groups), its Newton-Schulz part, the forward+backward with MLA's max-logit
+     records switched on (what MuonClip costs in the forward), and QK-clip's re-measure forward
+     (what MuonClip costs once per optimizer step).
   3. Kimi K2 at scale, by FLOPs: NS FLOPs per step over 6 * active params * tokens per step.
 Timings are medians of --repeats runs after one warm-up. Writes benchmarks/optim-<device>.json.
 """
@@ -31,6 +32,7 @@ from moe.config import preset
 from moe.model import Transformer
 from moe.params import count_parameters
 from optim.muon import model_param_groups, zeropower_via_newtonschulz5
+from optim.qk_clip import QKClip
 
 # Per expert: (matrices, rows, cols) as Muon orthogonalises them.
 K2_EXPERT_MATRICES = {"gate_up_proj (gate, up)": (2, 2048, 7168), "down_proj": (1, 7168, 2048)}
@@ -123,6 +125,17 @@ def bench_preset(name: str, device, batch_size: int, seq_len: int, repeats: int)
     for attn in model.attentions():
         attn.record_max_logits = True
     t_fwd_bwd_rec = timed(fwd_bwd, device, repeats)
+    # MuonClip's re-measure: one no-grad forward of the micro-batch with a max-logit pass per MLA
+    # (tau out of reach, so the pass is timed without the row scalings of a clip).
+    qk_clip = QKClip(model, tau=float("inf"), remeasure=True)
+    fwd_bwd()
+    batch = qk_clip._batch
+
+    def remeasure():
+        qk_clip._batch = batch
+        qk_clip()
+
+    t_remeasure = timed(remeasure, device, repeats)
     for attn in model.attentions():
         attn.record_max_logits = False
     fwd_bwd()
@@ -138,6 +151,8 @@ def bench_preset(name: str, device, batch_size: int, seq_len: int, repeats: int)
         "fwd_bwd_s": t_fwd_bwd,
         "fwd_bwd_with_max_logit_records_s": t_fwd_bwd_rec,
         "max_logit_record_overhead": t_fwd_bwd_rec / t_fwd_bwd - 1,
+        "qk_clip_remeasure_s (one per optimizer step)": t_remeasure,
+        "qk_clip_remeasure_over_fwd_bwd": t_remeasure / t_fwd_bwd,
         "optimizer_step_s (Muon + AdamW groups)": t_step,
         "newton_schulz_s": t_ns,
         "newton_schulz_flops": sum(ns_flops(shape) for shape in muon_matrices(model)),

@@ -1,13 +1,15 @@
 """Kimi K2's MuonClip experiment (tech report §2.1, Fig. 2), reproduced small on CPU.
 
-The same model, data order and learning rate are trained twice, with Muon and with MuonClip. Muon at
-a high learning rate lets attention logits grow without bound; MuonClip caps every head at tau.
-Each step records (for every run) the largest pre-softmax logit the forward saw, over all layers
-and heads; for MuonClip also the largest logit right after the clip, by a second no-grad forward on
-the same batch (eval mode, so the router's load counts are untouched). Losses are the training loss
-per step and a validation loss at the end.
+The same model, data order and learning rate are trained three times: with Muon, with MuonClip
+under K2's rule as published (S_h from the step's forward, `qk_clip_remeasure=False`), and with our
+default MuonClip (S_h also re-measured on the step's batch after the update, layer by layer; see
+optim/qk_clip.py). Muon at a high learning rate lets attention logits grow without bound; MuonClip
+caps every head at tau. Each step records, for every run, the largest pre-softmax logit the forward
+saw over all layers and heads; for the MuonClip runs also the largest logit right after the clip,
+by a separate no-grad forward on the same batch (training mode for the records, router load counts
+put back). Losses are the training loss per step and a validation loss at the end.
 
-    python -m optim.experiments.qk_clip                  # ~2 min on 2 idle cores; docs/qk_clip.{png,json}
+    python -m optim.experiments.qk_clip                  # ~5 min on 2 idle cores; docs/qk_clip.{png,json}
     python -m optim.experiments.qk_clip --steps 50       # a quick look
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import time
 
 import torch
@@ -36,10 +38,19 @@ def max_logit(model) -> float:
     return max(attn.max_logits_H.max().item() for attn in model.attentions())
 
 
-def train(name: str, args, data) -> dict:
+# Run name -> (registry name, extra optimizer arguments).
+RUNS = {
+    "muon": ("muon", {}),
+    "muonclip_k2_rule": ("muonclip", {"qk_clip_remeasure": False}),
+    "muonclip": ("muonclip", {"qk_clip_remeasure": True}),
+}
+
+
+def train(run: str, args, data) -> dict:
     torch.manual_seed(args.seed)
     model = Transformer(preset("small", vocab_size=data.vocab_size, **MODEL))
-    hp = dict(lr=args.lr, weight_decay=args.weight_decay)
+    name, extra = RUNS[run]
+    hp = dict(lr=args.lr, weight_decay=args.weight_decay, **extra)
     opt = optim.build(name, model, **hp, **({"qk_clip_tau": args.tau} if name == "muonclip" else {}))
     for attn in model.attentions():  # MuonClip switches this on itself; plain Muon is only observed
         attn.record_max_logits = True
@@ -73,7 +84,7 @@ def train(name: str, args, data) -> dict:
         model.update_router_biases()
         sched.step()
         if step % 25 == 0 or step == args.steps - 1:
-            print(f"{name:9s} step {step:4d} loss {loss.item():.3f} max logit {log['max_logit'][-1]:8.1f} "
+            print(f"{run:16s} step {step:4d} loss {loss.item():.3f} max logit {log['max_logit'][-1]:8.1f} "
                   f"({time.time() - start:.0f}s)", flush=True)
     model.eval()
     with torch.no_grad():
@@ -83,39 +94,61 @@ def train(name: str, args, data) -> dict:
     return log
 
 
+LABELS = {"muon": "Muon", "muonclip_k2_rule": "MuonClip, K2's rule", "muonclip": "MuonClip, re-measured (default)"}
+COLORS = {"muon": "tab:red", "muonclip_k2_rule": "tab:orange", "muonclip": "tab:blue"}
+CLIP_RUNS = ("muonclip_k2_rule", "muonclip")
+
+
 def plot(runs: dict, args, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_logit, ax_zoom, ax_loss) = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, (ax_logit, ax_after, ax_loss) = plt.subplots(1, 3, figsize=(18, 4.8))
     steps = list(range(1, args.steps + 1))
-    clip = runs["muonclip"]
-    clipped = [(s, x) for s, x in zip(steps, clip["clipped_heads_after_clip"]) if x is not None]
-    for ax in (ax_logit, ax_zoom):
-        if ax is ax_logit:
-            ax.plot(steps, runs["muon"]["max_logit"], label="Muon", color="tab:red")
-        ax.plot(steps, clip["max_logit"], label="MuonClip: forward, before the clip", color="tab:blue")
-        ax.plot(steps, clip["max_logit_after_clip"], label="MuonClip: same batch, after update + clip",
-                color="tab:cyan", linestyle="--")
-        ax.plot(*zip(*clipped), ".", markersize=3, color="black", label="  the heads that were clipped")
+    for run, log in runs.items():
+        ax_logit.plot(steps, log["max_logit"], label=LABELS[run], color=COLORS[run], linewidth=1)
+        ax_loss.plot(steps, ema(log["loss"], 0.9), label=f"{LABELS[run]} (val {log['val_loss']:.3f})", color=COLORS[run])
+    first_clip = args.steps
+    for run in CLIP_RUNS:
+        clipped = [(s, x) for s, x in zip(steps, runs[run]["clipped_heads_after_clip"]) if x is not None]
+        first_clip = min([first_clip] + [s for s, _ in clipped[:1]])
+        ax_after.plot(steps, runs[run]["max_logit_after_clip"], label=f"{LABELS[run]}: all heads", color=COLORS[run], linewidth=1)
+        if clipped:
+            ax_after.plot(*zip(*clipped), ".", markersize=3, color=COLORS[run], label=f"{LABELS[run]}: clipped heads")
+    for ax in (ax_logit, ax_after):
         ax.axhline(args.tau, color="gray", linestyle=":", label=f"tau = {args.tau:g}")
         ax.set_xlabel("optimizer step")
     ax_logit.set_yscale("log")
-    ax_logit.set_ylabel("max attention logit (all layers, heads)")
+    ax_logit.set_ylabel("max attention logit in the step's forward")
     ax_logit.legend(fontsize=8)
-    ax_zoom.set_xlim(clipped[0][0] - 5 if clipped else 1, args.steps)
-    ax_zoom.set_ylim(0.8 * args.tau, 1.3 * args.tau)
-    ax_zoom.set_title("MuonClip, linear scale", fontsize=10)
-    for name, color in (("muon", "tab:red"), ("muonclip", "tab:blue")):
-        ax_loss.plot(steps, ema(runs[name]["loss"], 0.9), label=f"{name} (val {runs[name]['val_loss']:.3f})", color=color)
+    ax_after.set_xlim(max(1, first_clip - 5), args.steps)
+    ax_after.set_ylim(0.8 * args.tau, 1.15 * args.tau)
+    ax_after.set_ylabel("max logit, same batch, after update + clip")
+    ax_after.legend(fontsize=8, loc="lower right")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss (EMA 0.9)")
-    ax_loss.legend()
+    ax_loss.legend(fontsize=8)
     fig.suptitle(f"Muon vs MuonClip, lr {args.lr:g}, {args.steps} steps, {args.batch_size}x{args.seq_len} tokens/step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def summarise(runs: dict) -> dict:
+    summary = {}
+    for run, log in runs.items():
+        entry = {"max_logit_forward": max(log["max_logit"]),
+                 "final_train_loss (mean of last 20 steps)": sum(log["loss"][-20:]) / 20,
+                 "val_loss": log["val_loss"], "seconds": round(log["seconds"], 1)}
+        if run in CLIP_RUNS:
+            clipped = [x for x in log["clipped_heads_after_clip"] if x is not None]
+            entry.update({"max_logit_after_clip": max(log["max_logit_after_clip"]),
+                          "clipped_heads_after_clip_max": max(clipped, default=None),
+                          "clipped_heads_after_clip_median": statistics.median(clipped) if clipped else None,
+                          "steps_with_a_clip": len(clipped)})
+        summary[run] = entry
+    return summary
 
 
 def ema(xs: list[float], beta: float) -> list[float]:
@@ -141,20 +174,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     data = build_data(DataConfig(tokenizer="bpe", vocab_size=2048, max_bytes=4_000_000), args.seq_len)
-    runs = {name: train(name, args, data) for name in ("muon", "muonclip")}
-    summary = {
-        "muon_max_logit": max(runs["muon"]["max_logit"]),
-        "muonclip_max_logit_forward": max(runs["muonclip"]["max_logit"]),
-        "muonclip_max_logit_after_clip": max(runs["muonclip"]["max_logit_after_clip"]),
-        "muonclip_clipped_heads_max_after_clip": max((x for x in runs["muonclip"]["clipped_heads_after_clip"] if x is not None),
-                                                     default=None),
-        "muonclip_steps_with_a_clip": sum(x is not None for x in runs["muonclip"]["clipped_heads_after_clip"]),
-        "muon_final_train_loss": sum(runs["muon"]["loss"][-20:]) / 20,
-        "muonclip_final_train_loss": sum(runs["muonclip"]["loss"][-20:]) / 20,
-        "muon_val_loss": runs["muon"]["val_loss"],
-        "muonclip_val_loss": runs["muonclip"]["val_loss"],
-        "seconds": {name: round(run["seconds"], 1) for name, run in runs.items()},
-    }
+    runs = {run: train(run, args, data) for run in RUNS}
+    summary = summarise(runs)
     print(json.dumps(summary, indent=2))
     config = {**vars(args), "model": MODEL, "vocab_size": data.vocab_size, "data": data.stats.get("source"),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
