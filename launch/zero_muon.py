@@ -4,17 +4,26 @@ ZeRO-1/2 hand the client optimizer one flat fp32 partition per param group: this
 [start, start + S) of the group's parameters laid end to end, with `.grad` already averaged over the
 group's data-parallel ranks and clipped. Newton-Schulz on such a slice would orthogonalise
 fragments of matrices. Following Moonlight's Distributed Muon (Liu et al. 2025, "Muon is Scalable
-for LLM Training", §2.3, Algorithm 1), `ZeroMuon` all-gathers the group's gradient partitions,
-runs `optim.muon_update` on every matrix that overlaps this rank's slice (whole, with a whole
-momentum buffer kept by each rank that owns a piece of it), and applies the update's overlap to the
-fp32 master slice. AdamW groups are elementwise and run on the slice as they are. The maths is
-`optim.Muon`'s, so one process and N ranks take the same steps up to summation order.
+for LLM Training", §2.3, Algorithm 1), each rank gathers the gradient of every matrix that overlaps
+its slice, runs `optim.muon_update` on those matrices (whole, with their momentum kept by the rank),
+and applies the update's overlap to its fp32 master slice. AdamW groups are elementwise and run on
+the slice as they are. The maths is `optim.Muon`'s, so one process and N ranks take the same steps
+up to summation order.
 
-QK-clip (`optim.qk_clip_`) needs the same care: after `engine.step()` it rescales rows of ZeRO's fp32
+The unit of work is one matrix, not one parameter: an expert stack [E, M, N] is E matrices (2E for a
+fused gate/up stack, `row_blocks` 2), each normalised and iterated on its own, so a rank takes only
+the experts its slice touches. Per rank that is its 1/N share of the Newton-Schulz work plus at most
+one matrix at each end of its slice, which the neighbouring rank also computes. The gradients it
+needs, [need_lo, need_hi) of the flat group, come from the ranks that hold them in one uneven
+all_to_all: about S elements plus those two boundary matrices, instead of all-gathering the group.
+
+QK-clip (`optim.qk_clip`) needs the same care: after `engine.step()` it rescales rows of ZeRO's fp32
 masters (`zero_row_scaler`), so the clip is part of the weights the next update starts from, and of
 the working copy the next forward reads.
 
-Shape legend: S partition length, W = S * dp flat group length (with ZeRO's tail padding).
+Shape legend: S partition length, W = S * dp flat group length (with ZeRO's tail padding), R the
+needed range's length; a parameter of shape [..., M, N] with row_blocks k is B = numel / (M/k * N)
+matrices of m = M/k * N elements each, laid end to end.
 """
 
 from __future__ import annotations
@@ -25,6 +34,39 @@ from torch import nn
 
 from optim import adamw_update, muon_update, scale_rows_
 from optim.muon import Muon
+
+
+def overlapping_matrices(offset: int, numel: int, m: int, lo: int, hi: int) -> tuple[int, int]:
+    """[b_lo, b_hi): the matrices of m elements each, laid end to end from `offset` over `numel`
+    elements, that intersect the flat range [lo, hi); (0, 0) when none does."""
+    lo, hi = max(lo, offset), min(hi, offset + numel)
+    if lo >= hi:
+        return 0, 0
+    return (lo - offset) // m, -(-(hi - offset) // m)
+
+
+def needed_range(spans: list[tuple[int, torch.Size]], matrix_numels: list[int], lo: int, hi: int) -> tuple[int, int]:
+    """[need_lo, need_hi): the flat range covering every matrix that intersects [lo, hi); the
+    spans are in flat order, so the covered matrices are contiguous. Empty (lo, lo) if none."""
+    covered = []
+    for (offset, shape), m in zip(spans, matrix_numels):
+        b_lo, b_hi = overlapping_matrices(offset, shape.numel(), m, lo, hi)
+        if b_lo < b_hi:
+            covered.append((offset + b_lo * m, offset + b_hi * m))
+    if not covered:
+        return lo, lo
+    return covered[0][0], covered[-1][1]
+
+
+def matrix_momentum(saved: torch.Tensor | None, grad_BMN: torch.Tensor, b_lo: int, b_hi: int) -> torch.Tensor:
+    """The momentum [b_hi - b_lo, M, N] of matrices [b_lo, b_hi) of a parameter: zeros at first, the
+    saved buffer after that. A checkpoint written when each rank kept whole parameters' momenta holds
+    the parameter's every matrix; its rows [b_lo, b_hi) are this rank's, exactly."""
+    if saved is None:
+        return torch.zeros_like(grad_BMN)
+    if saved.shape != grad_BMN.shape:
+        return saved.reshape(-1, *grad_BMN.shape[1:])[b_lo:b_hi].clone()
+    return saved
 
 
 class ZeroMuon(torch.optim.Optimizer):
@@ -40,15 +82,19 @@ class ZeroMuon(torch.optim.Optimizer):
         self._layout: dict[int, tuple] = {}
 
     def attach(self, zero_optimizer) -> None:
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for i, flat_part in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-            group = zero_optimizer.real_dp_process_group[i]
+            pg = zero_optimizer.real_dp_process_group[i]
             flat = zero_optimizer.bit16_groups_flat[i]
             size = zero_optimizer.bit16_groups[i][0].element_size()
             # ZeRO-1/2 keep every parameter's .data as a view into its group's flat buffer.
             spans = [((p.data.data_ptr() - flat.data_ptr()) // size, p.shape)
                      for p in zero_optimizer.bit16_groups[i]]
-            start = dist.get_rank(group) * flat_part.numel()
-            self._layout[id(flat_part)] = (group, start, spans)
+            k = group_of[id(flat_part)].get("row_blocks", 1)
+            matrix_numels = [shape[-2] // k * shape[-1] if len(shape) >= 2 else shape.numel() for _, shape in spans]
+            S, P = flat_part.numel(), dist.get_world_size(pg)
+            needs = [needed_range(spans, matrix_numels, r * S, (r + 1) * S) for r in range(P)]
+            self._layout[id(flat_part)] = (pg, dist.get_rank(pg) * S, spans, matrix_numels, needs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,27 +115,42 @@ class ZeroMuon(torch.optim.Optimizer):
         state["step"] += 1
         return adamw_update(part_S.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"], group["eps"])
 
+    def _gather_needed(self, part_S: torch.Tensor) -> torch.Tensor:
+        """grad_R: the flat gradient over this rank's needed range, from the ranks that hold it."""
+        pg, start, _, _, needs = self._layout[id(part_S)]
+        S = part_S.numel()
+        need_lo, need_hi = needs[dist.get_rank(pg)]
+        # To rank r: my slice's overlap with r's needed range; from rank s: s's slice's overlap with mine.
+        sends = [(max(lo, start), min(hi, start + S)) for lo, hi in needs]
+        send_counts = [max(0, b - a) for a, b in sends]
+        recv_counts = [max(0, min(need_hi, (s + 1) * S) - max(need_lo, s * S)) for s in range(len(needs))]
+        send_X = torch.cat([part_S.grad[a - start:a - start + n] for (a, _), n in zip(sends, send_counts)])
+        grad_R = part_S.grad.new_empty(need_hi - need_lo)
+        dist.all_to_all_single(grad_R, send_X, recv_counts, send_counts, group=pg)
+        return grad_R
+
     def _muon(self, group: dict, part_S: torch.Tensor) -> torch.Tensor:
         if id(part_S) not in self._layout:
             raise RuntimeError("ZeroMuon.attach(engine.optimizer) was not called after deepspeed.initialize")
-        pg, start, spans = self._layout[id(part_S)]
+        pg, start, spans, matrix_numels, needs = self._layout[id(part_S)]
         S = part_S.numel()
-        grad_W = part_S.grad.new_empty(S * dist.get_world_size(pg))
-        dist.all_gather_into_tensor(grad_W, part_S.grad, group=pg)
-        # Momentum of each matrix this rank holds a piece of, whole, keyed by its index in the group.
+        need_lo = needs[dist.get_rank(pg)][0]
+        grad_R = self._gather_needed(part_S)
+        k = group["row_blocks"]
+        # Momentum of the matrices this rank computes, keyed by the parameter's index in the group.
         momenta = self.state[part_S].setdefault("momentum", {})
         update_S = torch.zeros_like(part_S)
-        for j, (offset, shape) in enumerate(spans):
-            numel = shape.numel()
-            lo, hi = max(offset, start), min(offset + numel, start + S)
-            if lo >= hi:
+        for j, ((offset, shape), m) in enumerate(zip(spans, matrix_numels)):
+            b_lo, b_hi = overlapping_matrices(offset, shape.numel(), m, start, start + S)
+            if b_lo == b_hi:
                 continue
-            grad = grad_W[offset:offset + numel].view(shape)
-            if j not in momenta:
-                momenta[j] = torch.zeros_like(grad)
-            full = muon_update(grad, momenta[j], group["momentum"], group["nesterov"], group["ns_steps"],
-                               group["ns_dtype"], group["row_blocks"])
-            update_S[lo - start:hi - start] = full.reshape(-1)[lo - offset:hi - offset].to(update_S.dtype)
+            first = offset + b_lo * m
+            rows, cols = shape[-2] // k, shape[-1]
+            grad = grad_R[first - need_lo:first - need_lo + (b_hi - b_lo) * m].view(b_hi - b_lo, rows, cols)
+            buf = momenta[j] = matrix_momentum(momenta.get(j), grad, b_lo, b_hi)
+            full = muon_update(grad, buf, group["momentum"], group["nesterov"], group["ns_steps"], group["ns_dtype"])
+            lo, hi = max(offset, start), min(offset + shape.numel(), start + S)
+            update_S[lo - start:hi - start] = full.reshape(-1)[lo - first:hi - first].to(update_S.dtype)
         return update_S
 
 
