@@ -90,8 +90,11 @@ class ZeroMuon(torch.optim.Optimizer):
             # ZeRO-1/2 keep every parameter's .data as a view into its group's flat buffer.
             spans = [((p.data.data_ptr() - flat.data_ptr()) // size, p.shape)
                      for p in zero_optimizer.bit16_groups[i]]
-            k = group_of[id(flat_part)].get("row_blocks", 1)
-            matrix_numels = [shape[-2] // k * shape[-1] if len(shape) >= 2 else shape.numel() for _, shape in spans]
+            group = group_of[id(flat_part)]
+            if not group["use_muon"]:  # AdamW groups step elementwise on the slice: no layout needed
+                continue
+            k = group["row_blocks"]
+            matrix_numels = [shape[-2] // k * shape[-1] for _, shape in spans]
             S, P = flat_part.numel(), dist.get_world_size(pg)
             needs = [needed_range(spans, matrix_numels, r * S, (r + 1) * S) for r in range(P)]
             self._layout[id(flat_part)] = (pg, dist.get_rank(pg) * S, spans, matrix_numels, needs)
@@ -115,17 +118,18 @@ class ZeroMuon(torch.optim.Optimizer):
         state["step"] += 1
         return adamw_update(part_S.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["betas"], group["eps"])
 
-    def _gather_needed(self, part_S: torch.Tensor) -> torch.Tensor:
-        """grad_R: the flat gradient over this rank's needed range, from the ranks that hold it."""
-        pg, start, _, _, needs = self._layout[id(part_S)]
-        S = part_S.numel()
+    @staticmethod
+    def _gather_needed(grad_S: torch.Tensor, pg, start: int, needs: list[tuple[int, int]]) -> torch.Tensor:
+        """grad_R: the flat gradient over this rank's needed range, from the ranks that hold it;
+        `needs` holds every rank's range, `grad_S` this rank's slice [start, start + S)."""
+        S = grad_S.numel()
         need_lo, need_hi = needs[dist.get_rank(pg)]
         # To rank r: my slice's overlap with r's needed range; from rank s: s's slice's overlap with mine.
         sends = [(max(lo, start), min(hi, start + S)) for lo, hi in needs]
         send_counts = [max(0, b - a) for a, b in sends]
         recv_counts = [max(0, min(need_hi, (s + 1) * S) - max(need_lo, s * S)) for s in range(len(needs))]
-        send_X = torch.cat([part_S.grad[a - start:a - start + n] for (a, _), n in zip(sends, send_counts)])
-        grad_R = part_S.grad.new_empty(need_hi - need_lo)
+        send_X = torch.cat([grad_S[a - start:a - start + n] for (a, _), n in zip(sends, send_counts)])
+        grad_R = grad_S.new_empty(need_hi - need_lo)
         dist.all_to_all_single(grad_R, send_X, recv_counts, send_counts, group=pg)
         return grad_R
 
@@ -135,7 +139,7 @@ class ZeroMuon(torch.optim.Optimizer):
         pg, start, spans, matrix_numels, needs = self._layout[id(part_S)]
         S = part_S.numel()
         need_lo = needs[dist.get_rank(pg)][0]
-        grad_R = self._gather_needed(part_S)
+        grad_R = self._gather_needed(part_S.grad, pg, start, needs)
         k = group["row_blocks"]
         # Momentum of the matrices this rank computes, keyed by the parameter's index in the group.
         momenta = self.state[part_S].setdefault("momentum", {})
