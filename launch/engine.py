@@ -20,8 +20,7 @@ from torch import nn
 from launch.distributed import all_reduce_router_counts
 from launch.zero_muon import ZeroMuon, zero_row_scaler
 from moe.moe import MoE
-from optim import MuonClip
-from optim.qk_clip import QKClip
+from optim import MuonClip, QKClip
 from optim.muon import Muon
 
 

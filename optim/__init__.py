@@ -16,7 +16,7 @@ from torch import nn
 
 from optim import adamw, muon, qk_clip
 from optim.muon import Muon, adamw_update, muon_update, split_params, zeropower_via_newtonschulz5
-from optim.qk_clip import MuonClip, clip_factors, mla_row_scales, qk_clip_, reduce_max_logits, scale_rows_
+from optim.qk_clip import MuonClip, QKClip, clip_factors, mla_row_scales, qk_clip_, reduce_max_logits, scale_rows_
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": adamw.build,
@@ -59,5 +59,5 @@ def _import_optimizer(path: str) -> type[torch.optim.Optimizer]:
 
 __all__ = [
     "OPTIMIZERS", "build", "Muon", "MuonClip", "split_params", "zeropower_via_newtonschulz5", "muon_update",
-    "adamw_update", "clip_factors", "mla_row_scales", "scale_rows_", "reduce_max_logits", "qk_clip_",
+    "adamw_update", "clip_factors", "mla_row_scales", "scale_rows_", "reduce_max_logits", "qk_clip_", "QKClip",
 ]
