@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from optim import adamw_update, muon_update, scale_rows_
-from optim.muon import Muon
+from optim.muon import Muon, matrices
 
 
 def overlapping_matrices(offset: int, numel: int, m: int, lo: int, hi: int) -> tuple[int, int]:
@@ -93,8 +93,7 @@ class ZeroMuon(torch.optim.Optimizer):
             group = group_of[id(flat_part)]
             if not group["use_muon"]:  # AdamW groups step elementwise on the slice: no layout needed
                 continue
-            k = group["row_blocks"]
-            matrix_numels = [shape[-2] // k * shape[-1] for _, shape in spans]
+            matrix_numels = [shape.numel() // matrices(shape, group["row_blocks"])[0] for _, shape in spans]
             S, P = flat_part.numel(), dist.get_world_size(pg)
             needs = [needed_range(spans, matrix_numels, r * S, (r + 1) * S) for r in range(P)]
             self._layout[id(flat_part)] = (pg, dist.get_rank(pg) * S, spans, matrix_numels, needs)
@@ -140,7 +139,6 @@ class ZeroMuon(torch.optim.Optimizer):
         S = part_S.numel()
         need_lo = needs[dist.get_rank(pg)][0]
         grad_R = self._gather_needed(part_S.grad, pg, start, needs)
-        k = group["row_blocks"]
         # Momentum of the matrices this rank computes, keyed by the parameter's index in the group.
         momenta = self.state[part_S].setdefault("momentum", {})
         update_S = torch.zeros_like(part_S)
@@ -149,7 +147,7 @@ class ZeroMuon(torch.optim.Optimizer):
             if b_lo == b_hi:
                 continue
             first = offset + b_lo * m
-            rows, cols = shape[-2] // k, shape[-1]
+            _, rows, cols = matrices(shape, group["row_blocks"])
             grad = grad_R[first - need_lo:first - need_lo + (b_hi - b_lo) * m].view(b_hi - b_lo, rows, cols)
             buf = momenta[j] = matrix_momentum(momenta.get(j), grad, b_lo, b_hi)
             full = muon_update(grad, buf, group["momentum"], group["nesterov"], group["ns_steps"], group["ns_dtype"])

@@ -31,7 +31,7 @@ import optim
 from moe.config import preset
 from moe.model import Transformer
 from moe.params import count_parameters
-from optim.muon import model_param_groups, zeropower_via_newtonschulz5
+from optim.muon import matrices, model_param_groups, zeropower_via_newtonschulz5
 from optim.qk_clip import QKClip
 
 # Per expert: (matrices, rows, cols) as Muon orthogonalises them.
@@ -90,8 +90,7 @@ def muon_matrices(model) -> list[tuple[int, ...]]:
     shapes = []
     for group in model_param_groups(model):
         if group["use_muon"]:
-            k = group["row_blocks"]
-            shapes += [(p.numel() // (p.shape[-2] * p.shape[-1]) * k, p.shape[-2] // k, p.shape[-1]) for p in group["params"]]
+            shapes += [matrices(p.shape, group["row_blocks"]) for p in group["params"]]
     return shapes
 
 
@@ -141,8 +140,7 @@ def bench_preset(name: str, device, batch_size: int, seq_len: int, repeats: int)
     fwd_bwd()
     # The step changes the weights; timing it repeatedly on the same gradients is fine for speed.
     t_step = timed(opt.step, device, repeats)
-    grads = [p.grad.reshape(-1, p.shape[-2] // g["row_blocks"], p.shape[-1])
-             for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    grads = [p.grad.reshape(matrices(p.shape, g["row_blocks"])) for g in opt.param_groups if g["use_muon"] for p in g["params"]]
     t_ns = timed(lambda: [zeropower_via_newtonschulz5(grad) for grad in grads], device, repeats)
     counts = count_parameters(model)
     return {

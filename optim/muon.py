@@ -66,6 +66,14 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     return X_EMN if G.ndim == 3 else X_EMN[0]
 
 
+def matrices(shape: torch.Size, row_blocks: int = 1) -> tuple[int, int, int]:
+    """(count, rows, cols): a weight of `shape` [..., M, N] whose rows stack `row_blocks` matrices is
+    `count` matrices of rows x cols = M/row_blocks x N, laid end to end in memory."""
+    *_, M, N = shape
+    rows = M // row_blocks
+    return shape.numel() // (rows * N), rows, N
+
+
 def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
                 ns_steps: int = 5, ns_dtype: torch.dtype | None = None, row_blocks: int = 1) -> torch.Tensor:
     """The Muon step direction for one weight [..., M, N], RMS-matched to AdamW; updates momentum_buf.
@@ -81,10 +89,9 @@ def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float 
     """
     momentum_buf.lerp_(grad, 1 - momentum)
     update = grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
-    *_, M, N = grad.shape
-    rows = M // row_blocks
-    O = zeropower_via_newtonschulz5(update.reshape(-1, rows, N), ns_steps, ns_dtype).to(grad.dtype).reshape(grad.shape)
-    return O.mul_(0.2 * math.sqrt(max(rows, N)))
+    shape_BMN = matrices(grad.shape, row_blocks)
+    O = zeropower_via_newtonschulz5(update.reshape(shape_BMN), ns_steps, ns_dtype).to(grad.dtype).reshape(grad.shape)
+    return O.mul_(0.2 * math.sqrt(max(shape_BMN[1:])))
 
 
 def adamw_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,

@@ -9,7 +9,7 @@ import torch
 from launch.zero_muon import matrix_momentum, needed_range, overlapping_matrices
 from moe.config import preset
 from moe.model import Transformer
-from optim.muon import model_param_groups
+from optim.muon import matrices, model_param_groups
 
 
 def test_overlapping_matrices():
@@ -30,11 +30,11 @@ def zero_layouts(preset_name, ranks):
     for group in model_param_groups(model):
         if not group["use_muon"]:
             continue
-        k, spans, offset = group["row_blocks"], [], 0
+        spans, offset = [], 0
         for p in group["params"]:
             spans.append((offset, p.shape))
             offset += p.numel()
-        matrix_numels = [shape[-2] // k * shape[-1] for _, shape in spans]
+        matrix_numels = [shape.numel() // matrices(shape, group["row_blocks"])[0] for _, shape in spans]
         yield spans, matrix_numels, -(-offset // ranks)
 
 
