@@ -1,0 +1,198 @@
+"""What the compiler makes of our kernels on a GPU we do not have: `python -m kernels.compile_report`.
+
+A script, not a test (though a test runs it). It traces one forward+backward of the Triton expert
+FFN on meta tensors at a chosen shape (default: the benchmark's target shape), which records every
+kernel launch with its real arguments, then compiles each launch for every autotune candidate the
+autotuner would try there, for a CUDA target (default sm_90, the H100/H200), and reads off the
+compiler's own output:
+
+  regs      registers per thread (255 is the ceiling)
+  spill     bytes of per-thread stack; our kernels call nothing, so every byte is a register spill
+  smem      shared memory per program
+  buffers   shared-memory buffers per pipelined operand tile: the real pipeline depth, which the
+            compiler may set below num_stages (it does for loads whose address comes from another
+            load in the same loop, as in the weight-gradient kernel's gathered rows)
+
+No GPU is needed: Triton ships ptxas and cuobjdump. So a kernel author on a laptop can see a spill
+or a shallow pipeline before a device is lent, and a GPU session can spend its time on timings.
+The figures belong to the installed Triton; the JSON records its version.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import combine as combine_mod
+from kernels import grouped_gemm, wgrad
+from kernels.tiles import interpreting
+from kernels.triton_ffn import expert_ffn_triton
+
+TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kernels.bench's QUICK shape
+
+# Which autotuned (or plain) kernel object each launch goes through, by a readable name.
+KERNELS = {
+    "expert_gemm": grouped_gemm._kernel_tuned[False],
+    "expert_gemm_dual": grouped_gemm._kernel_tuned[True],
+    "expert_wgrad": wgrad._kernel_tuned,
+    "combine": combine_mod._combine,
+}
+MODES = {int(grouped_gemm.SWIGLU_FWD): "gate_up_swiglu", int(grouped_gemm.SWIGLU_BWD): "swiglu_bwd"}
+
+
+def trace_launches(T, K, E, D, F, dtype=torch.bfloat16):
+    """Every kernel launch of one forward+backward, as (kernel name, args, kwargs), in launch order.
+
+    Meta tensors carry shapes and strides but no data, so nothing runs; `run` is replaced on each
+    kernel object to record its arguments instead of launching.
+    """
+    if interpreting():
+        raise SystemExit("kernels.compile_report compiles for a GPU; unset TRITON_INTERPRET")
+    launches = []
+    with contextlib.ExitStack() as stack:
+        for name, kernel in KERNELS.items():
+            def record(*args, grid=None, warmup=False, _name=name, **kwargs):
+                launches.append((_name, args, kwargs))
+            stack.enter_context(mock.patch.object(kernel, "run", record))
+        meta = dict(device="meta", dtype=dtype)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].to("meta")
+        x = torch.empty(T, D, **meta, requires_grad=True)
+        w = torch.empty(T, K, **meta, requires_grad=True)
+        gate_up = torch.empty(E, 2 * F, D, **meta, requires_grad=True)
+        down = torch.empty(E, D, F, **meta, requires_grad=True)
+        y = expert_ffn_triton(x, ids, w, gate_up, down)
+        torch.autograd.grad(y, (x, w, gate_up, down), torch.empty_like(y))
+    return launches
+
+
+def _signature(jit_fn, named):
+    """Triton's launch-time specialisation, redone by hand: pointers are 16-byte aligned (true of
+    every fresh allocation; meta tensors have no address), integers equal to 1 become constants,
+    integers divisible by 16 carry that hint, and constexpr arguments stay constants."""
+    sig, attrs, consts = {}, {}, {}
+    for i, arg in enumerate(jit_fn.arg_names):
+        v = named[arg]
+        if i in jit_fn.constexprs:
+            sig[arg], consts[arg] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[arg] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                              torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[arg] = "i1"
+        elif v == 1:
+            sig[arg], consts[arg] = "constexpr", 1
+        else:
+            sig[arg] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs, consts
+
+
+def _candidates(kernel, named):
+    """(config kwargs, num_warps, num_stages) the launch would try, after the tuner's own pruning."""
+    if isinstance(kernel, triton.runtime.Autotuner):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, named)
+        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+    return [({}, named.pop("num_warps", 4), named.pop("num_stages", 3))]
+
+
+def _jit_and_heuristics(kernel):
+    fn, heuristics = kernel, {}
+    while not isinstance(fn, triton.runtime.JITFunction):
+        heuristics.update(getattr(fn, "values", {}))
+        fn = fn.fn
+    return fn, heuristics
+
+
+_BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
+_ALLOC = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x")
+
+
+def compile_one(kernel, named, cfg, warps, stages, arch):
+    jit_fn, heuristics = _jit_and_heuristics(kernel)
+    named = dict(named, **cfg)
+    for arg, rule in heuristics.items():
+        named[arg] = rule(named)
+    sig, attrs, consts = _signature(jit_fn, named)
+    compiled = triton.compile(ASTSource(jit_fn, sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return dict(regs=int(regs), spill=int(stack), smem=compiled.metadata.shared,
+                buffers=sorted(int(n) for n in _ALLOC.findall(compiled.asm["ttgir"])))
+
+
+def _launch_name(kernel_name, named):
+    """The launch's job in the FFN: the scatter GEMM is the down projection when gate-weighted
+    (forward) and dX otherwise; the weight gradient gathers dy for down and x for gate_up."""
+    if kernel_name.startswith("expert_gemm"):
+        mode = int(named["MODE"])
+        if mode == int(grouped_gemm.SCATTER):
+            return "down" if named["SCALE"] else "dx"
+        return MODES[mode]
+    if kernel_name == "expert_wgrad":
+        return "wgrad_down" if named["L_GATHER"] else "wgrad_gate_up"
+    return kernel_name
+
+
+def report(T, K, E, D, F, arch=90, only=""):
+    rows, seen = [], set()
+    for kernel_name, args, kwargs in trace_launches(T, K, E, D, F):
+        kernel = KERNELS[kernel_name]
+        jit_fn, _ = _jit_and_heuristics(kernel)
+        named = dict(zip(jit_fn.arg_names, args), **kwargs)
+        launch = _launch_name(kernel_name, named)
+        if launch in seen or only not in launch:  # the combine runs twice (forward, dX)
+            continue
+        seen.add(launch)
+        for cfg, warps, stages in _candidates(kernel, dict(named)):
+            row = dict(launch=launch, config=dict(cfg, num_warps=warps, num_stages=stages),
+                       **compile_one(kernel, named, cfg, warps, stages, arch))
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(row):
+    cfg = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "GROUP_M")
+    flag = "  <- spills" if row["spill"] else ""
+    return (f"{row['launch']:15s} {cfg:60s} regs {row['regs']:3d} spill {row['spill']:5d} B "
+            f"smem {row['smem'] // 1024:3d} KiB buffers {row['buffers']}{flag}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for dim, value in TARGET_SHAPE.items():
+        ap.add_argument(f"-{dim}", type=int, default=value)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    ap.add_argument("--only", default="", help="launches whose name contains this, e.g. swiglu_bwd or wgrad")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/kernels-compile-sm<arch>.json)")
+    args = ap.parse_args()
+    shape = {dim: getattr(args, dim) for dim in TARGET_SHAPE}
+    rows = report(**shape, arch=args.arch, only=args.only)
+    out = args.out or f"benchmarks/kernels-compile-sm{args.arch}.json"
+    with open(out, "w") as f:
+        json.dump(dict(meta=dict(shape=shape, arch=args.arch, triton=triton.__version__, dtype="bfloat16"),
+                       results=rows), f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
