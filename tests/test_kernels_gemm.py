@@ -22,6 +22,7 @@ CASES = [
     (19, 3, 5, 24, 20, "random"),  # odd sizes, A = 57
     (21, 2, 9, 48, 36, "empty_experts"),  # empty experts; D = 48: two K steps, the second masked
     (40, 1, 6, 40, 24, "one_expert"),  # K = 1, every row on one expert
+    (13, 2, 3, 24, 72, "random"),  # F = 72: several N tiles, each epilogue half partly or wholly masked
 ]
 DTYPES = dtype_params()
 
