@@ -58,12 +58,18 @@ def prune_wgrad(configs, named_args, **_):
 
 
 def wgrad_configs():
-    """Candidates for the per-expert weight-gradient GEMM (output tile BM x BN, reduction over rows)."""
+    """Candidates for the per-expert weight-gradient GEMM (output tile BM x BN, reduction over rows).
+    Each tile shape is tried with the tokens loaded in the iteration that uses them (ahead=False:
+    about half of num_stages become buffers, so 7 stages give 4) and one iteration ahead (all
+    num_stages are buffers); see `kernels.wgrad`."""
     cfgs = [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4))
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "TOKENS_AHEAD": ahead}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s, ahead in (
+            (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 7, False), (128, 128, 64, 8, 4, True),
+            (128, 256, 64, 8, 3, False), (128, 256, 64, 8, 5, False), (128, 256, 64, 8, 4, True),
+            (128, 128, 32, 4, 4, False), (64, 128, 64, 4, 4, False))
     ]
-    cfgs.append(triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=2))
+    cfgs.append(triton.Config({"BM": 32, "BN": 32, "BK": 32, "TOKENS_AHEAD": False}, num_warps=4, num_stages=2))
     return cfgs
 
 

@@ -9,6 +9,14 @@ forward, run the other way), so dY and X are never permuted into copies.
 
 One program owns one (expert, M tile, N tile) and loops over that expert's rows, so each output
 tile is written once with no atomics and an expert with no rows writes zeros.
+
+Where the gathered rows' tokens are loaded is a tuning choice (TOKENS_AHEAD), left to the
+autotuner until a GPU run settles it. Loaded in the iteration that uses them, they make the
+gathered tile an indirect load, which Triton's software pipeliner gives only about half of
+num_stages shared-memory buffers (2 of 4 on sm_90), though it copies the tokens asynchronously
+too. Loaded one iteration ahead, the tiles get all num_stages buffers, but the pipeliner then
+waits for the token load (an L2 hit: the index is T*K*4 bytes) in every iteration before issuing
+the copies. `python -m kernels.compile_report --only wgrad` shows the buffers per candidate.
 """
 
 import torch
@@ -27,7 +35,7 @@ def _expert_wgrad(
     M, N,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TOKENS_AHEAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BN)
@@ -43,17 +51,25 @@ def _expert_wgrad(
     mask_n = offs_n < N
 
     acc = tl.zeros((BM, BN), dtype=ACC)
+    offs_r = tl.arange(0, BK)
+    if TOKENS_AHEAD:
+        tok_next = tl.load(token_ptr + start + offs_r, mask=start + offs_r < end, other=0)
     for r0 in range(start, end, BK):
-        rows = r0 + tl.arange(0, BK)
+        rows = r0 + offs_r
         ok = rows < end
         rows = tl.where(ok, rows, start)  # the L tile is zeroed on these, so R may read any valid row
+        if TOKENS_AHEAD:  # rows past the end read token 0, a valid row, under a zeroed L tile too
+            tok = tok_next
+            tok_next = tl.load(token_ptr + r0 + BK + offs_r, mask=r0 + BK + offs_r < end, other=0)
+        else:
+            tok = tl.load(token_ptr + rows)
         # M/N tails are masked rather than clamped so the contiguous dims still vectorise.
         if L_GATHER:
-            l_src = tl.load(token_ptr + rows).to(tl.int64)
+            l_src = tok.to(tl.int64)
         else:
             l_src = rows.to(tl.int64)
         if R_GATHER:
-            r_src = tl.load(token_ptr + rows).to(tl.int64)
+            r_src = tok.to(tl.int64)
         else:
             r_src = rows.to(tl.int64)
         l_t = tl.load(l_ptr + l_src[None, :] * stride_lm + offs_m[:, None],
@@ -69,10 +85,13 @@ _kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_G
                                 prune_configs_by={"early_config_prune": prune_wgrad})(_expert_wgrad)
 
 
-def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dtype=None):
+def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dtype=None,
+                 config: triton.Config | None = None):
     """dW [E, M, N] = sum over each expert's sorted rows i of L[src_l(i)]^T R[src_r(i)].
 
-    src is the row's token when gathering, else i itself.
+    src is the row's token when gathering, else i itself. `config` runs one candidate of
+    `wgrad_configs()` instead of the autotuner's pick (the tests run each one: the autotuner keeps
+    only the fastest candidate's output, so the others are never checked by a normal call).
     """
     assert l_XM.numel() == 0 or (l_XM.stride(1) == 1 and r_XN.stride(1) == 1), "wgrad operands must be row-major"
     M, N, E = l_XM.shape[1], r_XN.shape[1], r.num_experts
@@ -83,9 +102,12 @@ def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dty
         r.token_A, r.offsets_E1, M, N,
     )
     consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, ACC=acc, PRECISION=precision)
-    if interpreting():
-        grid = (E * triton.cdiv(M, INTERP_BN) * triton.cdiv(N, INTERP_BN),)
-        _expert_wgrad[grid](*args, **consts, BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK)
+    if config is None and interpreting():
+        config = triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=True))
+    if config is not None:
+        meta = config.kwargs
+        grid = (E * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+        _expert_wgrad[grid](*args, **consts, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         _kernel_tuned[lambda m: (E * triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)](*args, **consts)
     return c_EMN

@@ -2,8 +2,9 @@
 
 `kernels.compile_report` compiles every launch of one forward+backward at the benchmark's K2 shape
 with Triton's own ptxas, so these checks need no GPU. They hold the kernel code to what it was
-changed for, judged by the compiler's output rather than by our own arithmetic: the SwiGLU
-backward's epilogue no longer spills kilobytes of registers.
+changed for, judged by the compiler's output rather than by our own arithmetic: the weight-gradient
+kernel's operand tiles get every pipeline stage as a buffer when their tokens are loaded ahead, and
+the SwiGLU backward's epilogue no longer spills kilobytes of registers.
 """
 
 import json
@@ -28,6 +29,13 @@ def test_every_launch_of_a_forward_backward_is_compiled(report):
     launches = {row["launch"] for row in report}
     assert launches == {"gate_up_swiglu", "down", "combine", "swiglu_bwd", "dx", "wgrad_gate_up", "wgrad_down"}
     assert all(row["regs"] > 0 and row["smem"] >= 0 for row in report)
+
+
+def test_wgrad_tokens_ahead_buffers_every_stage(report):
+    ahead = [row for row in report if row["launch"].startswith("wgrad") and row["config"]["TOKENS_AHEAD"]]
+    assert len(ahead) == 4  # two tile shapes, two weight gradients
+    for row in ahead:
+        assert row["buffers"] == [row["config"]["num_stages"]] * 2, row
 
 
 def test_swiglu_backward_epilogue_does_not_spill_kilobytes(report):

@@ -7,6 +7,7 @@ i = expert-sorted row, a = token-major assignment row.
 import pytest
 import torch
 import torch.nn.functional as F_
+import triton
 
 from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
                              use_interpreter_without_cuda)
@@ -14,7 +15,7 @@ from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted,
 use_interpreter_without_cuda()
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
 from kernels.routing import build_routing  # noqa: E402
-from kernels.tiles import block_m  # noqa: E402
+from kernels.tiles import INTERP_BK, INTERP_BN, block_m, wgrad_configs  # noqa: E402
 from kernels.wgrad import expert_wgrad  # noqa: E402
 
 CASES = [
@@ -91,18 +92,27 @@ def test_swiglu_backward(T, K, E, D, F, routing, dtype):
     assert_close_to(act_w, act.detach() * w64.detach()[:, None], dtype, "w * act")
 
 
+def _wgrad_candidates():
+    """Every candidate the autotuner may pick on a GPU; under the interpreter, its small tile with
+    the tokens loaded both ways (kernels.wgrad's TOKENS_AHEAD)."""
+    if DEVICE == "cuda":
+        return wgrad_configs()
+    return [triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=ahead)) for ahead in (True, False)]
+
+
+@pytest.mark.parametrize("config", _wgrad_candidates(), ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,K,E,D,F,routing", CASES)
-def test_expert_wgrad(T, K, E, D, F, routing, dtype):
+def test_expert_wgrad(T, K, E, D, F, routing, dtype, config):
     x, w, gate_up, down, r, order, token, expert_A = _setup(T, K, E, D, F, routing, dtype)
     gen = torch.Generator().manual_seed(5)
     dy = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
     act = torch.randn(T * K, F, generator=gen).to(DEVICE, dtype)
     onehot_AE = F_.one_hot(expert_A, E).double()
     # dW_down_e = sum_i dy_t^T (w_a act_i): L gathered, R sorted.
-    ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False)
+    ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False, config=config)
     assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dy[token].double(), act.double()), dtype, "dW_down")
     # dW_gate_up_e = sum_i dh_i^T x_t: L sorted, R gathered.
     dh = act.repeat(1, 2)
-    ours = expert_wgrad(dh, x, r, l_gather=False, r_gather=True)
+    ours = expert_wgrad(dh, x, r, l_gather=False, r_gather=True, config=config)
     assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dh.double(), x[token].double()), dtype, "dW_gate_up")
