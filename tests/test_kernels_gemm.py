@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F_
 import triton
+from triton.runtime.errors import OutOfResources
 
 from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
                              use_interpreter_without_cuda)
@@ -110,7 +111,10 @@ def test_expert_wgrad(T, K, E, D, F, routing, dtype, config):
     act = torch.randn(T * K, F, generator=gen).to(DEVICE, dtype)
     onehot_AE = F_.one_hot(expert_A, E).double()
     # dW_down_e = sum_i dy_t^T (w_a act_i): L gathered, R sorted.
-    ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False, config=config)
+    try:
+        ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False, config=config)
+    except OutOfResources:  # fp32 tiles take twice the shared memory of 16-bit ones
+        pytest.skip(f"{config} does not fit in shared memory for {dtype}; the autotuner skips it too")
     assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dy[token].double(), act.double()), dtype, "dW_down")
     # dW_gate_up_e = sum_i dh_i^T x_t: L sorted, R gathered.
     dh = act.repeat(1, 2)
