@@ -12,6 +12,7 @@ compiler's own output:
   buffers   shared-memory buffers per pipelined operand tile: the real pipeline depth, which the
             compiler may set below num_stages (it does for loads whose address comes from another
             load in the same loop, as in the weight-gradient kernel's gathered rows)
+  tma       tile copies issued through TMA (tensor descriptors) rather than per-thread pointers
 
 No GPU is needed: Triton ships ptxas and cuobjdump. So a kernel author on a laptop can see a spill
 or a shallow pipeline before a device is lent, and a GPU session can spend its time on timings.
@@ -99,14 +100,18 @@ def _signature(jit_fn, named):
     return sig, attrs, consts
 
 
-def _candidates(kernel, named):
-    """(config kwargs, num_warps, num_stages) the launch would try, after the tuner's own pruning."""
+def _candidates(kernel, args, kwargs):
+    """(config kwargs, num_warps, num_stages) the launch would try: for an autotuned kernel, what
+    the autotuner's own pruning leaves (run through Triton's code, so a pruning rule that fails on a
+    GPU fails here too)."""
     if isinstance(kernel, triton.runtime.Autotuner):
-        configs = kernel.configs
-        if kernel.early_config_prune:
-            configs = kernel.early_config_prune(configs, named)
+        kernel.nargs = dict(zip(kernel.arg_names, args))
+        try:
+            configs = kernel.prune_configs(dict(kwargs))
+        finally:
+            kernel.nargs = None
         return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
-    return [({}, named.pop("num_warps", 4), named.pop("num_stages", 3))]
+    return [({}, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))]
 
 
 def _jit_and_heuristics(kernel):
@@ -135,8 +140,9 @@ def compile_one(kernel, named, cfg, warps, stages, arch):
         usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    ttgir = compiled.asm["ttgir"]
     return dict(regs=int(regs), spill=int(stack), smem=compiled.metadata.shared,
-                buffers=sorted(int(n) for n in _ALLOC.findall(compiled.asm["ttgir"])))
+                buffers=sorted(int(n) for n in _ALLOC.findall(ttgir)), tma=ttgir.count("async_tma_copy_global_to_local"))
 
 
 def _launch_name(kernel_name, named):
@@ -162,7 +168,7 @@ def report(T, K, E, D, F, arch=90, only=""):
         if launch in seen or only not in launch:  # the combine runs twice (forward, dX)
             continue
         seen.add(launch)
-        for cfg, warps, stages in _candidates(kernel, dict(named)):
+        for cfg, warps, stages in _candidates(kernel, args, kwargs):
             row = dict(launch=launch, config=dict(cfg, num_warps=warps, num_stages=stages),
                        **compile_one(kernel, named, cfg, warps, stages, arch))
             rows.append(row)
@@ -171,10 +177,12 @@ def report(T, K, E, D, F, arch=90, only=""):
 
 
 def _fmt(row):
-    cfg = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "GROUP_M")
+    short = {"TOKENS_AHEAD": "ahead", "SORTED_TMA": "tma", "num_warps": "warps", "num_stages": "stages"}
+    cfg = " ".join(f"{short.get(k, k)}={int(v) if isinstance(v, bool) else v}" for k, v in row["config"].items()
+                   if k != "GROUP_M")
     flag = "  <- spills" if row["spill"] else ""
-    return (f"{row['launch']:15s} {cfg:60s} regs {row['regs']:3d} spill {row['spill']:5d} B "
-            f"smem {row['smem'] // 1024:3d} KiB buffers {row['buffers']}{flag}")
+    return (f"{row['launch']:15s} {cfg:52s} regs {row['regs']:3d} spill {row['spill']:5d} B "
+            f"smem {row['smem'] // 1024:3d} KiB buffers {row['buffers']} TMA copies {row['tma']}{flag}")
 
 
 def main():

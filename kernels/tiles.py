@@ -54,23 +54,51 @@ def prune_gemm(configs, named_args, **_):
     return configs[-1:] if _tiny(named_args["N"] * named_args["KD"]) else configs
 
 
-def prune_wgrad(configs, named_args, **_):
-    return configs[-1:] if _tiny(named_args["M"] * named_args["N"]) else configs
+def prune_wgrad(configs, named_args, **kwargs):
+    # Triton passes the positional arguments as named_args and the keyword ones apart.
+    if _tiny(named_args["M"] * named_args["N"]):
+        return configs[-1:]
+    return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["SORTED_TMA"]]
+
+
+def tma_aligned(t: torch.Tensor) -> bool:
+    """Whether a row-major matrix can back a TMA descriptor: 16-byte aligned base and row stride
+    (not a given for a view into a flat buffer, e.g. DeepSpeed's)."""
+    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(-1) == 1
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    # PyTorch's caching allocator: its blocks are aligned well past the 128 bytes a descriptor needs.
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def use_triton_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need scratch memory from Triton's allocator.
+    Give it PyTorch's unless the caller set one. Called before each such launch: Triton keeps the
+    allocator in a ContextVar, so it is per thread, and autograd runs backward on its own threads."""
+    from triton.runtime import _allocation  # no public getter for the current allocator
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
 
 
 def wgrad_configs():
     """Candidates for the per-expert weight-gradient GEMM (output tile BM x BN, reduction over rows).
     Each tile shape is tried with the tokens loaded in the iteration that uses them (ahead=False:
     about half of num_stages become buffers, so 7 stages give 4) and one iteration ahead (all
-    num_stages are buffers); see `kernels.wgrad`."""
+    num_stages are buffers), and the 128x128 and 128x256 tiles also with the sorted operand read
+    through TMA (tma=True); see `kernels.wgrad`."""
     cfgs = [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "TOKENS_AHEAD": ahead}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s, ahead in (
-            (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 7, False), (128, 128, 64, 8, 4, True),
-            (128, 256, 64, 8, 3, False), (128, 256, 64, 8, 5, False), (128, 256, 64, 8, 4, True),
-            (128, 128, 32, 4, 4, False), (64, 128, 64, 4, 4, False))
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "TOKENS_AHEAD": ahead, "SORTED_TMA": tma},
+                      num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s, ahead, tma in (
+            (128, 128, 64, 8, 4, False, False), (128, 128, 64, 8, 7, False, False), (128, 128, 64, 8, 4, True, False),
+            (128, 128, 64, 8, 4, True, True), (128, 128, 64, 8, 7, False, True),
+            (128, 256, 64, 8, 3, False, False), (128, 256, 64, 8, 5, False, False), (128, 256, 64, 8, 4, True, False),
+            (128, 256, 64, 8, 4, True, True),
+            (128, 128, 32, 4, 4, False, False), (64, 128, 64, 4, 4, False, False))
     ]
-    cfgs.append(triton.Config({"BM": 32, "BN": 32, "BK": 32, "TOKENS_AHEAD": False}, num_warps=4, num_stages=2))
+    cfgs.append(triton.Config({"BM": 32, "BN": 32, "BK": 32, "TOKENS_AHEAD": False, "SORTED_TMA": False},
+                              num_warps=4, num_stages=2))
     return cfgs
 
 

@@ -17,6 +17,11 @@ num_stages shared-memory buffers (2 of 4 on sm_90), though it copies the tokens 
 too. Loaded one iteration ahead, the tiles get all num_stages buffers, but the pipeliner then
 waits for the token load (an L2 hit: the index is T*K*4 bytes) in every iteration before issuing
 the copies. `python -m kernels.compile_report --only wgrad` shows the buffers per candidate.
+
+Likewise SORTED_TMA: the operand read in sorted order (dh for gate_up, w*act for down) can come
+through a TMA descriptor over the expert's own rows instead of per-thread pointer loads, which
+frees the registers and issue slots of its address arithmetic; the gathered one cannot (Hopper's
+TMA has no row gather). Candidates with it need 16-byte aligned rows (TMA_OK).
 """
 
 import torch
@@ -24,7 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, interpreting, prune_wgrad, wgrad_configs
+from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, prune_wgrad, tma_aligned,
+                           use_triton_allocator, wgrad_configs)
 
 
 @triton.jit
@@ -33,10 +39,12 @@ def _expert_wgrad(
     c_ptr, stride_ce, stride_cm, stride_cn,
     token_ptr, offsets_ptr,
     M, N,
-    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, TMA_OK: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TOKENS_AHEAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TOKENS_AHEAD: tl.constexpr, SORTED_TMA: tl.constexpr,
 ):
+    # TMA_OK (the sorted operand's rows are 16-byte aligned) only keys the autotuner, which prunes
+    # the SORTED_TMA candidates without it.
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BN)
     tiles_e = tl.cdiv(M, BM) * tiles_n
@@ -52,6 +60,17 @@ def _expert_wgrad(
 
     acc = tl.zeros((BM, BN), dtype=ACC)
     offs_r = tl.arange(0, BK)
+    if SORTED_TMA:
+        # The operand read in sorted order, seen as the expert's own [rows, cols] matrix, so TMA
+        # zero-fills the rows past its end exactly (no other expert's rows, even a NaN, leak in).
+        # One row at least: an empty expert never loads, but a descriptor may not be empty.
+        rows_e = tl.maximum(end - start, 1)
+        if L_GATHER:
+            r_desc = tl.make_tensor_descriptor(r_ptr + start.to(tl.int64) * stride_rm, shape=[rows_e, N],
+                                               strides=[stride_rm, 1], block_shape=[BK, BN])
+        else:
+            l_desc = tl.make_tensor_descriptor(l_ptr + start.to(tl.int64) * stride_lm, shape=[rows_e, M],
+                                               strides=[stride_lm, 1], block_shape=[BK, BM])
     if TOKENS_AHEAD:
         tok_next = tl.load(token_ptr + start + offs_r, mask=start + offs_r < end, other=0)
     for r0 in range(start, end, BK):
@@ -72,16 +91,22 @@ def _expert_wgrad(
             r_src = tok.to(tl.int64)
         else:
             r_src = rows.to(tl.int64)
-        l_t = tl.load(l_ptr + l_src[None, :] * stride_lm + offs_m[:, None],
-                      mask=ok[None, :] & mask_m[:, None], other=0.0)  # [BM, BK]
-        r_t = tl.load(r_ptr + r_src[:, None] * stride_rm + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+        if SORTED_TMA and not L_GATHER:
+            l_t = l_desc.load([r0 - start, pid_m * BM]).T  # [BM, BK]; zeros past the expert's rows
+        else:
+            l_t = tl.load(l_ptr + l_src[None, :] * stride_lm + offs_m[:, None],
+                          mask=ok[None, :] & mask_m[:, None], other=0.0)  # [BM, BK]
+        if SORTED_TMA and L_GATHER:
+            r_t = r_desc.load([r0 - start, pid_n * BN])  # [BK, BN]
+        else:
+            r_t = tl.load(r_ptr + r_src[:, None] * stride_rm + offs_n[None, :], mask=mask_n[None, :], other=0.0)
         acc = tl.dot(l_t, r_t, acc, input_precision=PRECISION, out_dtype=ACC)
 
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_GATHER"],
+_kernel_tuned = triton.autotune(wgrad_configs(), key=["M", "N", "L_GATHER", "R_GATHER", "TMA_OK"],
                                 prune_configs_by={"early_config_prune": prune_wgrad})(_expert_wgrad)
 
 
@@ -101,9 +126,15 @@ def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dty
         l_XM, l_XM.stride(0), r_XN, r_XN.stride(0), c_EMN, *c_EMN.stride(),
         r.token_A, r.offsets_E1, M, N,
     )
-    consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, ACC=acc, PRECISION=precision)
+    sorted_XK = r_XN if l_gather else l_XM
+    consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, TMA_OK=tma_aligned(sorted_XK), ACC=acc, PRECISION=precision)
     if config is None and interpreting():
-        config = triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=True))
+        config = triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=True, SORTED_TMA=False))
+    if config is not None and config.kwargs["SORTED_TMA"] and not (l_gather != r_gather and consts["TMA_OK"]):
+        raise ValueError(f"wgrad config {config} reads the sorted operand through TMA, which needs exactly one "
+                         f"gathered operand (l_gather={l_gather}, r_gather={r_gather}) and 16-byte aligned rows")
+    if not interpreting():
+        use_triton_allocator()
     if config is not None:
         meta = config.kwargs
         grid = (E * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)

@@ -15,14 +15,17 @@ import sys
 import pytest
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compile") / "report.json"
+def _run_report(out, *flags):
     # Its own process: the kernel tests switch this one to the Triton interpreter, which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "kernels.compile_report", "--out", str(out)], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "kernels.compile_report", "--out", str(out), *flags], env=env, check=True,
                    capture_output=True, text=True, timeout=900)
     return json.loads(out.read_text())["results"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return _run_report(tmp_path_factory.mktemp("compile") / "report.json")
 
 
 def test_every_launch_of_a_forward_backward_is_compiled(report):
@@ -33,7 +36,7 @@ def test_every_launch_of_a_forward_backward_is_compiled(report):
 
 def test_wgrad_tokens_ahead_buffers_every_stage(report):
     ahead = [row for row in report if row["launch"].startswith("wgrad") and row["config"]["TOKENS_AHEAD"]]
-    assert len(ahead) == 4  # two tile shapes, two weight gradients
+    assert len(ahead) == 8  # two tile shapes, pointer or TMA loads, two weight gradients
     for row in ahead:
         assert row["buffers"] == [row["config"]["num_stages"]] * 2, row
 
@@ -44,3 +47,18 @@ def test_swiglu_backward_epilogue_does_not_spill_kilobytes(report):
     row, = [r for r in report if r["launch"] == "swiglu_bwd" and r["config"]["BN"] == 128
             and r["config"]["num_warps"] == 8]
     assert row["spill"] < 256, row
+
+
+def test_wgrad_sorted_tma_candidates_copy_through_tma(report):
+    # Pointer loads would compile too; only the compiler's TMA copies show the descriptor path is real.
+    rows = [row for row in report if row["launch"].startswith("wgrad")]
+    assert {row["config"]["SORTED_TMA"] for row in rows} == {True, False}
+    for row in rows:
+        assert (row["tma"] > 0) == row["config"]["SORTED_TMA"], row
+
+
+def test_wgrad_tma_candidates_are_pruned_for_unaligned_rows(tmp_path):
+    # F = 2044: w*act's bf16 rows are 4088 bytes, not a multiple of 16, so no TMA descriptor can
+    # cover them. The pruning runs through Triton's own autotuner code, as on a GPU.
+    rows = _run_report(tmp_path / "report.json", "-F", "2044", "--only", "wgrad_down")
+    assert rows and not any(row["config"]["SORTED_TMA"] for row in rows)

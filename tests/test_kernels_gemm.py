@@ -16,7 +16,7 @@ from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted,
 use_interpreter_without_cuda()
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
 from kernels.routing import build_routing  # noqa: E402
-from kernels.tiles import INTERP_BK, INTERP_BN, block_m, wgrad_configs  # noqa: E402
+from kernels.tiles import INTERP_BK, INTERP_BN, block_m, tma_aligned, wgrad_configs  # noqa: E402
 from kernels.wgrad import expert_wgrad  # noqa: E402
 
 CASES = [
@@ -95,10 +95,12 @@ def test_swiglu_backward(T, K, E, D, F, routing, dtype):
 
 def _wgrad_candidates():
     """Every candidate the autotuner may pick on a GPU; under the interpreter, its small tile with
-    the tokens loaded both ways (kernels.wgrad's TOKENS_AHEAD)."""
+    the tokens loaded both ways and the sorted operand read both ways (kernels.wgrad's TOKENS_AHEAD
+    and SORTED_TMA)."""
     if DEVICE == "cuda":
         return wgrad_configs()
-    return [triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=ahead)) for ahead in (True, False)]
+    return [triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=ahead, SORTED_TMA=tma))
+            for ahead in (True, False) for tma in (False, True)]
 
 
 @pytest.mark.parametrize("config", _wgrad_candidates(), ids=str)
@@ -110,6 +112,9 @@ def test_expert_wgrad(T, K, E, D, F, routing, dtype, config):
     dy = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
     act = torch.randn(T * K, F, generator=gen).to(DEVICE, dtype)
     onehot_AE = F_.one_hot(expert_A, E).double()
+    dh = act.repeat(1, 2)
+    if config.kwargs["SORTED_TMA"] and not (tma_aligned(act) and tma_aligned(dh)):
+        pytest.skip(f"TMA needs 16-byte rows, F = {F} in {dtype} has not; the autotuner prunes it too")
     # dW_down_e = sum_i dy_t^T (w_a act_i): L gathered, R sorted.
     try:
         ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False, config=config)
@@ -117,6 +122,5 @@ def test_expert_wgrad(T, K, E, D, F, routing, dtype, config):
         pytest.skip(f"{config} does not fit in shared memory for {dtype}; the autotuner skips it too")
     assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dy[token].double(), act.double()), dtype, "dW_down")
     # dW_gate_up_e = sum_i dh_i^T x_t: L sorted, R gathered.
-    dh = act.repeat(1, 2)
     ours = expert_wgrad(dh, x, r, l_gather=False, r_gather=True, config=config)
     assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dh.double(), x[token].double()), dtype, "dW_gate_up")
