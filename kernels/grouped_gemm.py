@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, prune_gemm
+from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, prune_gemm, tma_compatible,
+                           use_triton_allocator)
 
 # constexpr so the kernel can branch on them at compile time; the launchers pass them as MODE.
 SWIGLU_FWD, SCATTER, SWIGLU_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -50,9 +51,12 @@ def _expert_gemm(
     N, KD, num_blocks, E,
     MODE: tl.constexpr, STORE_H: tl.constexpr, SCALE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    W_KMAJOR: tl.constexpr, W_TMA_OK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, W_TMA: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    # W_KMAJOR: W_e's K dim is contiguous (stride_wk == 1), else its N dim is. W_TMA_OK (the weights
+    # can back a TMA descriptor) only keys the autotuner, which prunes the W_TMA candidates without it.
     # Grouped launch order: GROUP_M consecutive row blocks (usually one expert) sweep the N tiles
     # together, so each weight tile is fetched from HBM once per group rather than once per block.
     pid = tl.program_id(0)
@@ -83,6 +87,21 @@ def _expert_gemm(
     # contiguous, and when N is the weight's contiguous dim (backward) the loads stop vectorising.
     a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if W_TMA:
+        # W_e as a descriptor over its own [n, k] (or [k, n]) matrix, so TMA zero-fills the K and
+        # N tails. SWIGLU_FWD's gate tile may run into the up rows below it: those columns are
+        # masked at the store, and the GEMM never mixes columns.
+        if MODE == SWIGLU_FWD:
+            w_cols = 2 * N
+        else:
+            w_cols = N
+        w_base = w_ptr + e.to(tl.int64) * stride_we
+        if W_KMAJOR:
+            w_desc = tl.make_tensor_descriptor(w_base, shape=[w_cols, KD], strides=[stride_wn, 1],
+                                               block_shape=[BN, BK])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_base, shape=[KD, w_cols], strides=[stride_wk, 1],
+                                               block_shape=[BK, BN])
     acc = tl.zeros((BM, BN), dtype=ACC)
     acc_up = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, KD, BK):
@@ -90,14 +109,18 @@ def _expert_gemm(
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < KD - k0, other=0.0)
-        if EVEN_K and EVEN_N:
+        if W_TMA:
+            w = _w_tile(w_desc, pid_n * BN, k0, W_KMAJOR)
+        elif EVEN_K and EVEN_N:
             w = tl.load(w_ptrs)
         else:
             w_ok = (offs_k[:, None] < KD - k0) & mask_n[None, :]
             w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if MODE == SWIGLU_FWD:  # the up rows sit F = N rows below the gate rows
-            if EVEN_K and EVEN_N:
+            if W_TMA:
+                w_up = _w_tile(w_desc, N + pid_n * BN, k0, W_KMAJOR)
+            elif EVEN_K and EVEN_N:
                 w_up = tl.load(w_ptrs + N * stride_wn)
             else:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0)
@@ -134,6 +157,17 @@ def _expert_gemm(
 
 
 @triton.jit
+def _w_tile(w_desc, n0, k0, W_KMAJOR: tl.constexpr):
+    """The [BK, BN] weight tile at columns n0, reduction rows k0, through the TMA descriptor."""
+    # One return: the compiler checks every return's type, even under a constexpr branch not taken.
+    if W_KMAJOR:
+        w = w_desc.load([n0, k0]).T
+    else:
+        w = w_desc.load([k0, n0])
+    return w
+
+
+@triton.jit
 def _swiglu_bwd_half(acc, w_gate, rows64, offs_n, mask_m, mask_n, N, h_ptr, stride_hm,
                      c_ptr, stride_cm, stride_cn, act_w_ptr, ACC: tl.constexpr):
     """SWIGLU_BWD's epilogue on half of the program's columns: stores dh = [dg | du] and w * act,
@@ -162,14 +196,14 @@ _even_k = triton.heuristics({"EVEN_K": lambda args: args["KD"] % args["BK"] == 0
                              "EVEN_N": lambda args: args["N"] % args["BN"] == 0})
 _kernel_fixed = _even_k(_expert_gemm)
 _kernel_tuned = {
-    dual: triton.autotune(gemm_configs(dual), key=["N", "KD", "MODE", "STORE_H", "SCALE"],
+    dual: triton.autotune(gemm_configs(dual), key=["N", "KD", "MODE", "STORE_H", "SCALE", "W_KMAJOR", "W_TMA_OK"],
                           prune_configs_by={"early_config_prune": prune_gemm})(_even_k(_expert_gemm))
     for dual in (False, True)
 }
 
 
 def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
-            h=None, dwp=None, act_w=None, gate_w=None, store_h=False, scale=False):
+            h=None, dwp=None, act_w=None, gate_w=None, store_h=False, scale=False, config=None):
     if r.num_blocks == 0:
         return
     acc, precision = dot_types(a.dtype)
@@ -182,34 +216,46 @@ def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
         r.block_expert_B, r.block_row_B, r.offsets_E1,
         N, KD, r.num_blocks, r.num_experts,
     )
-    consts = dict(MODE=mode, STORE_H=store_h, SCALE=scale, ACC=acc, PRECISION=precision, BM=r.block_m)
-    if interpreting():
-        grid = (r.num_blocks * triton.cdiv(N, INTERP_BN),)
-        _kernel_fixed[grid](*args, **consts, BN=INTERP_BN, BK=INTERP_BK, GROUP_M=4)
+    w_tma_ok = tma_compatible(w, w_strides)
+    consts = dict(MODE=mode, STORE_H=store_h, SCALE=scale, ACC=acc, PRECISION=precision,
+                  W_KMAJOR=w_strides[2] == 1, W_TMA_OK=w_tma_ok, BM=r.block_m)
+    if config is None and interpreting():
+        config = triton.Config(dict(BN=INTERP_BN, BK=INTERP_BK, GROUP_M=4, W_TMA=False))
+    if not interpreting():
+        use_triton_allocator()
+    if config is not None:
+        if config.kwargs["W_TMA"] and not w_tma_ok:
+            raise ValueError(f"grouped GEMM config {config} reads the weights through TMA, which needs a 16-byte "
+                             f"aligned base and strides and one unit stride; got strides {tuple(w_strides)}")
+        grid = (r.num_blocks * triton.cdiv(N, config.kwargs["BN"]),)
+        _kernel_fixed[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         _kernel_tuned[mode is SWIGLU_FWD][lambda meta: (r.num_blocks * triton.cdiv(N, meta["BN"]),)](*args, **consts)
 
 
-def gate_up_swiglu(x_TD, gate_up_EFD, r: Routing, store_h: bool):
-    """act_AF = silu(x g_e^T) * (x u_e^T) for every sorted row; also h_AF2 = [g | u] if store_h."""
+def gate_up_swiglu(x_TD, gate_up_EFD, r: Routing, store_h: bool, config=None):
+    """act_AF = silu(x g_e^T) * (x u_e^T) for every sorted row; also h_AF2 = [g | u] if store_h.
+
+    Here and below, `config` runs one candidate of `gemm_configs()` instead of the autotuner's pick
+    (the tests run each one: the autotuner keeps only the fastest one's output)."""
     A, (_, F2, D) = r.order_A.numel(), gate_up_EFD.shape
     F = F2 // 2
     act_AF = x_TD.new_empty(A, F)
     h_AF2 = x_TD.new_empty(A, F2) if store_h else None
     _launch(SWIGLU_FWD, x_TD, x_TD.stride(), gate_up_EFD, gate_up_EFD.stride(), act_AF, act_AF.stride(), r,
-            N=F, KD=D, h=h_AF2, store_h=store_h)
+            N=F, KD=D, h=h_AF2, store_h=store_h, config=config)
     return act_AF, h_AF2
 
 
-def scatter_gemm(a_AK, w_ENK, w_strides, out_AN, r: Routing, gate_w_A=None):
+def scatter_gemm(a_AK, w_ENK, w_strides, out_AN, r: Routing, gate_w_A=None, config=None):
     """out[order[i]] = (gate_w[order[i]] *) a[i] @ W_e^T, W_e addressed as [N, K] by `w_strides`."""
     N, KD = out_AN.shape[1], a_AK.shape[1]
     _launch(SCATTER, a_AK, a_AK.stride(), w_ENK, w_strides, out_AN, out_AN.stride(), r,
-            N=N, KD=KD, gate_w=gate_w_A, scale=gate_w_A is not None)
+            N=N, KD=KD, gate_w=gate_w_A, scale=gate_w_A is not None, config=config)
     return out_AN
 
 
-def swiglu_backward(dy_TD, down_EDF, h_AF2, gate_w_A, r: Routing):
+def swiglu_backward(dy_TD, down_EDF, h_AF2, gate_w_A, r: Routing, config=None):
     """For every sorted row: dh_AF2 = d[g | u], dw_A = <dy_t, down_e act_i> and act_w_AF = w_a act_i."""
     A, (_, D, F) = h_AF2.shape[0], down_EDF.shape
     dh_AF2 = torch.empty_like(h_AF2)
@@ -219,5 +265,5 @@ def swiglu_backward(dy_TD, down_EDF, h_AF2, gate_w_A, r: Routing):
     dwp = torch.zeros(A, triton.cdiv(F, 32), device=h_AF2.device, dtype=acc_dtype)
     s = down_EDF.stride()
     _launch(SWIGLU_BWD, dy_TD, dy_TD.stride(), down_EDF, (s[0], s[2], s[1]), dh_AF2, dh_AF2.stride(), r,
-            N=F, KD=D, h=h_AF2, dwp=dwp, act_w=act_w_AF, gate_w=gate_w_A)
+            N=F, KD=D, h=h_AF2, dwp=dwp, act_w=act_w_AF, gate_w=gate_w_A, config=config)
     return dh_AF2, dwp.sum(1), act_w_AF

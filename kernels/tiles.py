@@ -33,14 +33,17 @@ def block_m(num_rows: int, num_experts: int) -> int:
 def gemm_configs(dual: bool):
     """Candidates for the row-gathered grouped GEMM. `dual` kernels (gate and up together) hold two
     accumulators, so their N tile is half as wide for the same register budget. The 256-wide tile
-    (128 + 128 when dual) also comes with 4 stages: 192 KiB of shared memory, under sm_90's 227. The
-    last entry is small enough for fp32/fp64 operands, whose tiles take 2-4x the shared memory."""
+    (128 + 128 when dual) also comes with 4 stages: 192 KiB of shared memory, under sm_90's 227.
+    The three 8-warp tiles also come with the weights read through TMA (W_TMA). The last entry is
+    small enough for fp32/fp64 operands, whose tiles take 2-4x the shared memory."""
     cfgs = []
-    for bn, bk, warps, stages in ((128, 64, 8, 4), (128, 64, 4, 4), (256, 64, 8, 3), (256, 64, 8, 4), (64, 64, 4, 5)):
+    for bn, bk, warps, stages, tma in ((128, 64, 8, 4, False), (128, 64, 4, 4, False), (256, 64, 8, 3, False),
+                                       (256, 64, 8, 4, False), (64, 64, 4, 5, False),
+                                       (128, 64, 8, 4, True), (256, 64, 8, 3, True), (256, 64, 8, 4, True)):
         if dual:
             bn //= 2
-        cfgs.append(triton.Config({"BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
-    cfgs.append(triton.Config({"BN": 32, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2))
+        cfgs.append(triton.Config({"BN": bn, "BK": bk, "GROUP_M": 8, "W_TMA": tma}, num_warps=warps, num_stages=stages))
+    cfgs.append(triton.Config({"BN": 32, "BK": 32, "GROUP_M": 8, "W_TMA": False}, num_warps=4, num_stages=2))
     return cfgs
 
 
@@ -50,8 +53,11 @@ def _tiny(size: int) -> bool:
     return size < 1 << 20
 
 
-def prune_gemm(configs, named_args, **_):
-    return configs[-1:] if _tiny(named_args["N"] * named_args["KD"]) else configs
+def prune_gemm(configs, named_args, **kwargs):
+    # Triton passes the positional arguments as named_args and the keyword ones apart.
+    if _tiny(named_args["N"] * named_args["KD"]):
+        return configs[-1:]
+    return [c for c in configs if kwargs["W_TMA_OK"] or not c.kwargs["W_TMA"]]
 
 
 def prune_wgrad(configs, named_args, **kwargs):
@@ -61,10 +67,14 @@ def prune_wgrad(configs, named_args, **kwargs):
     return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["SORTED_TMA"]]
 
 
-def tma_aligned(t: torch.Tensor) -> bool:
-    """Whether a row-major matrix can back a TMA descriptor: 16-byte aligned base and row stride
-    (not a given for a view into a flat buffer, e.g. DeepSpeed's)."""
-    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(-1) == 1
+def tma_compatible(t: torch.Tensor, strides=None) -> bool:
+    """Whether `t`, addressed with `strides` (default its own), can back a TMA descriptor: a
+    16-byte aligned base (not a given for a view into a flat buffer, e.g. DeepSpeed's), one unit
+    stride, and every other stride a multiple of 16 bytes."""
+    strides = tuple(t.stride() if strides is None else strides)
+    size = t.element_size()
+    return (t.data_ptr() % 16 == 0 and 1 in strides
+            and sum(s == 1 for s in strides) == 1 and all(s * size % 16 == 0 for s in strides if s != 1))
 
 
 def _torch_scratch(size: int, alignment: int, stream):

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, prune_wgrad, tma_aligned,
+from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, prune_wgrad, tma_compatible,
                            use_triton_allocator, wgrad_configs)
 
 
@@ -127,7 +127,7 @@ def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dty
         r.token_A, r.offsets_E1, M, N,
     )
     sorted_XK = r_XN if l_gather else l_XM
-    consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, TMA_OK=tma_aligned(sorted_XK), ACC=acc, PRECISION=precision)
+    consts = dict(L_GATHER=l_gather, R_GATHER=r_gather, TMA_OK=tma_compatible(sorted_XK), ACC=acc, PRECISION=precision)
     if config is None and interpreting():
         config = triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=True, SORTED_TMA=False))
     if config is not None and config.kwargs["SORTED_TMA"] and not (l_gather != r_gather and consts["TMA_OK"]):

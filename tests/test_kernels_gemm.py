@@ -16,7 +16,7 @@ from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted,
 use_interpreter_without_cuda()
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
 from kernels.routing import build_routing  # noqa: E402
-from kernels.tiles import INTERP_BK, INTERP_BN, block_m, tma_aligned, wgrad_configs  # noqa: E402
+from kernels.tiles import INTERP_BK, INTERP_BN, block_m, gemm_configs, tma_compatible, wgrad_configs  # noqa: E402
 from kernels.wgrad import expert_wgrad  # noqa: E402
 
 CASES = [
@@ -27,6 +27,31 @@ CASES = [
     (13, 2, 3, 24, 72, "random"),  # F = 72: several N tiles, each epilogue half partly or wholly masked
 ]
 DTYPES = dtype_params()
+
+
+def _dtype_configs(gpu_candidates, interp_variants):
+    """(dtype, config) pairs. Under the interpreter: fp32 and fp16 with each variant of its small
+    tile (bf16 is reported as skipped). On a GPU: fp32 and fp16 through the autotuner, and bf16, what
+    training runs, with every autotune candidate, since the autotuner keeps only the fastest
+    candidate's output and would leave the others unchecked."""
+    bf16 = DTYPES[-1]
+    if DEVICE != "cuda":
+        pairs = [pytest.param(d, c, id=f"{d}-{c}") for d in DTYPES[:-1] for c in interp_variants]
+        return pairs + [pytest.param(*bf16.values, None, marks=bf16.marks, id="bf16")]
+    pairs = [pytest.param(d, None, id=f"{d}-autotuned") for d in DTYPES[:-1]]
+    return pairs + [pytest.param(torch.bfloat16, c, id=f"bf16-{c}") for c in gpu_candidates]
+
+
+def _run(fn, config, dtype, tma_operands=()):
+    """fn(), skipping (as the autotuner does) a candidate whose TMA descriptor cannot cover one of
+    `tma_operands` ((tensor, strides) pairs) or whose tiles do not fit in shared memory."""
+    tma = config is not None and (config.kwargs.get("W_TMA") or config.kwargs.get("SORTED_TMA"))
+    if tma and not all(tma_compatible(t, st) for t, st in tma_operands):
+        pytest.skip(f"TMA needs 16-byte strides, not so here in {dtype}; the autotuner prunes it too")
+    try:
+        return fn()
+    except OutOfResources:  # fp32 tiles take twice the shared memory of 16-bit ones
+        pytest.skip(f"{config} does not fit in shared memory for {dtype}; the autotuner skips it too")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,45 +67,56 @@ def _setup(T, K, E, D, F, routing, dtype):
     return x, w, gate_up, down, r, order, token, expert_A
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# The interpreter's tiles, with each value of the kernels' tuning switches.
+GEMM_TILES = [triton.Config(dict(BN=INTERP_BN, BK=INTERP_BK, GROUP_M=4, W_TMA=tma)) for tma in (False, True)]
+WGRAD_TILES = [triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=ahead, SORTED_TMA=tma))
+               for ahead in (True, False) for tma in (False, True)]
+
+
+@pytest.mark.parametrize("dtype,config", _dtype_configs(gemm_configs(dual=True), GEMM_TILES))
 @pytest.mark.parametrize("T,K,E,D,F,routing", CASES)
-def test_gate_up_swiglu(T, K, E, D, F, routing, dtype):
+def test_gate_up_swiglu(T, K, E, D, F, routing, dtype, config):
     x, w, gate_up, down, r, order, token, expert_A = _setup(T, K, E, D, F, routing, dtype)
-    act_AF, h_AF2 = gate_up_swiglu(x, gate_up, r, store_h=True)
+    act_AF, h_AF2 = _run(lambda: gate_up_swiglu(x, gate_up, r, store_h=True, config=config), config, dtype,
+                         [(gate_up, gate_up.stride())])
     h_ref = torch.einsum("ad,afd->af", x[token].double(), gate_up[expert_A].double())
     g, u = h_ref.chunk(2, dim=-1)
     assert_close_to(h_AF2, h_ref, dtype, "h")
     assert_close_to(act_AF, F_.silu(g) * u, dtype, "act")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,config", _dtype_configs(gemm_configs(dual=False), GEMM_TILES))
 @pytest.mark.parametrize("T,K,E,D,F,routing", CASES)
-def test_scatter_gemm_down_and_dx_layouts(T, K, E, D, F, routing, dtype):
+def test_scatter_gemm_down_and_dx_layouts(T, K, E, D, F, routing, dtype, config):
     x, w, gate_up, down, r, order, token, expert_A = _setup(T, K, E, D, F, routing, dtype)
     gen = torch.Generator().manual_seed(3)
     act = torch.randn(T * K, F, generator=gen).to(DEVICE, dtype)
+    s = gate_up.stride()
+    dx_strides = (s[0], s[2], s[1])
     # Down projection: W_e = down_e [D, F] read as stored, rows scaled by their gate weight.
-    out = scatter_gemm(act, down, down.stride(), torch.empty(T * K, D, device=DEVICE, dtype=dtype), r,
-                       gate_w_A=w.reshape(-1))
+    out = _run(lambda: scatter_gemm(act, down, down.stride(), torch.empty(T * K, D, device=DEVICE, dtype=dtype), r,
+                                    gate_w_A=w.reshape(-1), config=config),
+               config, dtype, [(down, down.stride()), (gate_up, dx_strides)])
     ref = torch.empty(T * K, D, dtype=torch.float64, device=DEVICE)
     ref[order] = torch.einsum("af,adf->ad", act.double(), down[expert_A].double()) * w.reshape(-1)[order, None].double()
     assert_close_to(out, ref, dtype, "down")
     # dX: W_e = gate_up_e^T read through swapped strides, no weights.
     dh = torch.randn(T * K, 2 * F, generator=gen).to(DEVICE, dtype)
-    s = gate_up.stride()
-    out = scatter_gemm(dh, gate_up, (s[0], s[2], s[1]), torch.empty(T * K, D, device=DEVICE, dtype=dtype), r)
+    out = scatter_gemm(dh, gate_up, dx_strides, torch.empty(T * K, D, device=DEVICE, dtype=dtype), r, config=config)
     ref[order] = torch.einsum("af,afd->ad", dh.double(), gate_up[expert_A].double())
     assert_close_to(out, ref, dtype, "dx rows")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,config", _dtype_configs(gemm_configs(dual=False), GEMM_TILES))
 @pytest.mark.parametrize("T,K,E,D,F,routing", CASES)
-def test_swiglu_backward(T, K, E, D, F, routing, dtype):
+def test_swiglu_backward(T, K, E, D, F, routing, dtype, config):
     x, w, gate_up, down, r, order, token, expert_A = _setup(T, K, E, D, F, routing, dtype)
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(T * K, 2 * F, generator=gen).to(DEVICE, dtype)
     dy = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
-    dh, dw_sorted, act_w = swiglu_backward(dy, down, h, w.reshape(-1), r)
+    s = down.stride()
+    dh, dw_sorted, act_w = _run(lambda: swiglu_backward(dy, down, h, w.reshape(-1), r, config=config), config, dtype,
+                                [(down, (s[0], s[2], s[1]))])
     # Autograd through the per-row maths: out_i = w_a * down_e silu(g_i) * u_i, paired with dy_t.
     h64 = h.double().requires_grad_()
     w64 = w.reshape(-1)[order].double().requires_grad_()
@@ -93,18 +129,7 @@ def test_swiglu_backward(T, K, E, D, F, routing, dtype):
     assert_close_to(act_w, act.detach() * w64.detach()[:, None], dtype, "w * act")
 
 
-def _wgrad_candidates():
-    """Every candidate the autotuner may pick on a GPU; under the interpreter, its small tile with
-    the tokens loaded both ways and the sorted operand read both ways (kernels.wgrad's TOKENS_AHEAD
-    and SORTED_TMA)."""
-    if DEVICE == "cuda":
-        return wgrad_configs()
-    return [triton.Config(dict(BM=INTERP_BN, BN=INTERP_BN, BK=INTERP_BK, TOKENS_AHEAD=ahead, SORTED_TMA=tma))
-            for ahead in (True, False) for tma in (False, True)]
-
-
-@pytest.mark.parametrize("config", _wgrad_candidates(), ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,config", _dtype_configs(wgrad_configs(), WGRAD_TILES))
 @pytest.mark.parametrize("T,K,E,D,F,routing", CASES)
 def test_expert_wgrad(T, K, E, D, F, routing, dtype, config):
     x, w, gate_up, down, r, order, token, expert_A = _setup(T, K, E, D, F, routing, dtype)
@@ -113,13 +138,9 @@ def test_expert_wgrad(T, K, E, D, F, routing, dtype, config):
     act = torch.randn(T * K, F, generator=gen).to(DEVICE, dtype)
     onehot_AE = F_.one_hot(expert_A, E).double()
     dh = act.repeat(1, 2)
-    if config.kwargs["SORTED_TMA"] and not (tma_aligned(act) and tma_aligned(dh)):
-        pytest.skip(f"TMA needs 16-byte rows, F = {F} in {dtype} has not; the autotuner prunes it too")
     # dW_down_e = sum_i dy_t^T (w_a act_i): L gathered, R sorted.
-    try:
-        ours = expert_wgrad(dy, act, r, l_gather=True, r_gather=False, config=config)
-    except OutOfResources:  # fp32 tiles take twice the shared memory of 16-bit ones
-        pytest.skip(f"{config} does not fit in shared memory for {dtype}; the autotuner skips it too")
+    ours = _run(lambda: expert_wgrad(dy, act, r, l_gather=True, r_gather=False, config=config), config, dtype,
+                [(act, None), (dh, None)])
     assert_close_to(ours, torch.einsum("ae,am,an->emn", onehot_AE, dy[token].double(), act.double()), dtype, "dW_down")
     # dW_gate_up_e = sum_i dh_i^T x_t: L sorted, R gathered.
     ours = expert_wgrad(dh, x, r, l_gather=False, r_gather=True, config=config)
