@@ -23,7 +23,10 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step kernel_tests python -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py tests/test_kernels_ffn.py
+# Tests first: the autotuner times candidates but never checks their results. Each candidate is
+# compiled for each test shape, so the compiles are spread over processes where pytest-xdist is.
+parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+step kernel_tests python -m pytest -q -p no:cacheprovider $parallel tests/test_kernels_gemm.py tests/test_kernels_ffn.py
 step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json"
 step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json"
 if [ "${1:-}" != quick ]; then
