@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# What this repo owes a GPU, in one command, since device time is scarce (30 minutes a session):
-#   1. the kernel tests run natively: bf16, and every autotune candidate of the weight gradient;
-#   2. the kernel benchmark at the target shape (K2 layer, E 64, 16k tokens);
-#   3. the optimizer-step benchmark (k2-2b: Muon's Newton-Schulz and QK-clip's re-measure);
-#   4. unless "quick": the full kernel grid.
-# Each step's log and JSON go to $OUT when it is set (the device tool's folder), else
-# benchmarks/gpu-run/. Eight files at most, which is what that tool brings back.
-# Usage: bash benchmarks/gpu_session.sh [quick]
+# What this repo owes a GPU, step by step, since device time is scarce (30 minutes a session, and
+# at most 10 minutes a command on the device tool: run the steps in separate calls if need be).
+#   tests   the kernel tests, natively: bf16 with every autotune candidate, fp32/fp16 autotuned
+#   target  the kernel benchmark at the target shape (K2 layer, E 64, 16k tokens)
+#   optim   the optimizer-step benchmark (k2-2b: Muon's Newton-Schulz, QK-clip's re-measure)
+#   grid    the kernel benchmark's full grid
+# Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: tests target optim)
+# Each step's log and JSON go to $OUT when it is set (the device tool's folder, which brings back
+# eight files at most), else to benchmarks/gpu-run/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu-run}
@@ -23,12 +24,18 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-# Tests first: the autotuner times candidates but never checks their results. Each candidate is
-# compiled for each test shape, so the compiles are spread over processes where pytest-xdist is.
-parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-step kernel_tests python -m pytest -q -p no:cacheprovider $parallel tests/test_kernels_gemm.py tests/test_kernels_ffn.py
-step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json"
-step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json"
-if [ "${1:-}" != quick ]; then
-    step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json"
-fi
+for name in "${@:-tests target optim}"; do
+    for s in $name; do
+        case $s in
+            # Tests first: the autotuner times candidates but never checks their results. Each
+            # candidate compiles per test shape, so the compiles are spread over processes.
+            tests) step kernel_tests python -m pytest -q -p no:cacheprovider \
+                       $(python -c "import xdist" 2>/dev/null && echo "-n 8") \
+                       tests/test_kernels_gemm.py tests/test_kernels_ffn.py ;;
+            target) step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json" ;;
+            optim) step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json" ;;
+            grid) step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json" ;;
+            *) echo "unknown step '$s' (tests, target, optim, grid)" >&2; exit 2 ;;
+        esac
+    done
+done
