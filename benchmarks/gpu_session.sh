@@ -5,6 +5,7 @@
 #   target  the kernel benchmark at the target shape (K2 layer, E 64, 16k tokens)
 #   optim   the optimizer-step benchmark (k2-2b: Muon's Newton-Schulz, QK-clip's re-measure)
 #   grid    the kernel benchmark's full grid
+#   profile Nsight Compute on one tuned forward+backward at the target shape (where the time goes)
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: tests target optim)
 # Each step's log and JSON go to $OUT when it is set (the device tool's folder, which brings back
 # eight files at most), else to benchmarks/gpu-run/.
@@ -35,7 +36,11 @@ for name in "${@:-tests target optim}"; do
             target) step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json" ;;
             optim) step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json" ;;
             grid) step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json" ;;
-            *) echo "unknown step '$s' (tests, target, optim, grid)" >&2; exit 2 ;;
+            profile) step profile ncu --profile-from-start off --csv --page details --log-file "$out/profile.csv" \
+                         --section SpeedOfLight --section Occupancy --section LaunchStats \
+                         --section WarpStateStats --section MemoryWorkloadAnalysis \
+                         python -m kernels.profile ;;
+            *) echo "unknown step '$s' (tests, target, optim, grid, profile)" >&2; exit 2 ;;
         esac
     done
 done
