@@ -2,7 +2,8 @@
 
 On CUDA tensors it runs our Triton kernels (`kernels.triton_ffn`); everywhere else the PyTorch
 reference. The choice is made here and nowhere else. `KIMI_EXPERT_FFN=reference` forces the
-reference on CUDA too (to bisect a numerical difference without editing code).
+reference on CUDA too (to bisect a numerical difference without editing code), and
+`KIMI_KERNEL_TMA=0` keeps the Triton kernels but drops their TMA candidates (`kernels.tiles`).
 """
 
 import os

@@ -164,7 +164,7 @@ def report(T, K, E, D, F, arch=90, only=""):
         jit_fn, _ = _jit_and_heuristics(kernel)
         named = dict(zip(jit_fn.arg_names, args), **kwargs)
         launch = _launch_name(kernel_name, named)
-        if launch in seen or only not in launch:  # the combine runs twice (forward, dX)
+        if launch in seen or not any(name in launch for name in only.split(",")):  # combine runs twice
             continue
         seen.add(launch)
         for cfg, warps, stages in _candidates(kernel, args, kwargs):
@@ -189,7 +189,8 @@ def main():
     for dim, value in TARGET_SHAPE.items():
         ap.add_argument(f"-{dim}", type=int, default=value)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
-    ap.add_argument("--only", default="", help="launches whose name contains this, e.g. swiglu_bwd or wgrad")
+    ap.add_argument("--only", default="",
+                    help="launches whose name contains one of these (comma-separated), e.g. swiglu_bwd,wgrad")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/kernels-compile-sm<arch>.json)")
     args = ap.parse_args()
     shape = {dim: getattr(args, dim) for dim in TARGET_SHAPE}

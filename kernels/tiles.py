@@ -6,6 +6,8 @@ expert boundaries on tiny shapes. On a GPU the M tile is fixed per call by `bloc
 metadata is built for it, so it cannot be left to the autotuner) and the autotuner picks the rest.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -53,18 +55,26 @@ def _tiny(size: int) -> bool:
     return size < 1 << 20
 
 
+def tma_enabled() -> bool:
+    """`KIMI_KERNEL_TMA=0` drops the TMA candidates from the autotuner: a switch for an operator
+    whose GPU, driver or Triton fails them, that needs no code change."""
+    return os.environ.get("KIMI_KERNEL_TMA", "1") != "0"
+
+
 def prune_gemm(configs, named_args, **kwargs):
     # Triton passes the positional arguments as named_args and the keyword ones apart.
     if _tiny(named_args["N"] * named_args["KD"]):
         return configs[-1:]
-    return [c for c in configs if kwargs["W_TMA_OK"] or not c.kwargs["W_TMA"]]
+    tma = kwargs["W_TMA_OK"] and tma_enabled()
+    return [c for c in configs if tma or not c.kwargs["W_TMA"]]
 
 
 def prune_wgrad(configs, named_args, **kwargs):
     # Triton passes the positional arguments as named_args and the keyword ones apart.
     if _tiny(named_args["M"] * named_args["N"]):
         return configs[-1:]
-    return [c for c in configs if kwargs["TMA_OK"] or not c.kwargs["SORTED_TMA"]]
+    tma = kwargs["TMA_OK"] and tma_enabled()
+    return [c for c in configs if tma or not c.kwargs["SORTED_TMA"]]
 
 
 def tma_compatible(t: torch.Tensor, strides=None) -> bool:

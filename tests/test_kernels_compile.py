@@ -15,9 +15,9 @@ import sys
 import pytest
 
 
-def _run_report(out, *flags):
+def _run_report(out, *flags, **env_vars):
     # Its own process: the kernel tests switch this one to the Triton interpreter, which cannot compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
     subprocess.run([sys.executable, "-m", "kernels.compile_report", "--out", str(out), *flags], env=env, check=True,
                    capture_output=True, text=True, timeout=900)
     return json.loads(out.read_text())["results"]
@@ -67,3 +67,9 @@ def test_wgrad_tma_candidates_are_pruned_for_unaligned_rows(tmp_path):
     # cover them. The pruning runs through Triton's own autotuner code, as on a GPU.
     rows = _run_report(tmp_path / "report.json", "-F", "2044", "--only", "wgrad_down")
     assert rows and not any(row["config"]["SORTED_TMA"] for row in rows)
+
+
+def test_kimi_kernel_tma_0_drops_every_tma_candidate(tmp_path):
+    rows = _run_report(tmp_path / "report.json", "--only", "dx,wgrad_down", KIMI_KERNEL_TMA="0")
+    assert {row["launch"] for row in rows} == {"dx", "wgrad_down"}
+    assert not any(row["config"].get("W_TMA") or row["config"].get("SORTED_TMA") or row["tma"] for row in rows)
