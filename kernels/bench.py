@@ -124,17 +124,31 @@ def time_impl(fn, inputs, mode):
 
 
 def stage_split(inputs):
-    """Our forward+backward stage by stage (ms), each timed alone on the same data."""
+    """Our forward+backward stage by stage (ms), each timed alone on the same data, and for each
+    stage whose autotuner ran here, every candidate's time (see `autotune_timings`)."""
     x, ids, w, gate_up, down = (t.detach() for t in inputs)
     T, K = ids.shape
     E, F2, D = gate_up.shape
     w_A = w.reshape(-1)
     r = build_routing(ids, E, block_m(T * K, E))
-    act, h = gate_up_swiglu(x, gate_up, r, store_h=True)
     out = x.new_empty(T * K, D)
     dy = torch.randn_like(x)
-    dh, _, act_w = swiglu_backward(dy, down, h, w_A, r)
     s = gate_up.stride()
+    candidates = {}
+
+    def first_call(stage, fn):  # the call that autotunes, if this shape's key is new
+        result = []
+        timings = autotune_timings(lambda: result.append(fn()))
+        if timings:
+            candidates[stage] = timings
+        return result[0]
+
+    act, h = first_call("gate_up_swiglu", lambda: gate_up_swiglu(x, gate_up, r, store_h=True))
+    dh, _, act_w = first_call("swiglu_bwd", lambda: swiglu_backward(dy, down, h, w_A, r))
+    first_call("down", lambda: scatter_gemm(act, down, down.stride(), out, r, gate_w_A=w_A))
+    first_call("dx", lambda: scatter_gemm(dh, gate_up, (s[0], s[2], s[1]), out, r))
+    first_call("wgrad_down", lambda: expert_wgrad(dy, act_w, r, True, False))
+    first_call("wgrad_gate_up", lambda: expert_wgrad(dh, x, r, False, True))
     t = {
         "routing": cuda_time_ms(lambda: build_routing(ids, E, block_m(T * K, E))),
         "gate_up_swiglu": cuda_time_ms(lambda: gate_up_swiglu(x, gate_up, r, store_h=True)),
@@ -148,7 +162,29 @@ def stage_split(inputs):
     }
     total = sum(t.values())
     t["routing_plus_combine_share"] = (t["routing"] + t["combine_fwd"] + t["combine_bwd"]) / total
-    return t
+    return t, candidates
+
+
+def _tuners():
+    tuners = {f"expert_gemm{'_dual' if dual else ''}": k for dual, k in gemm_tuned.items()}
+    tuners["expert_wgrad"] = wgrad_tuned
+    return tuners
+
+
+def autotune_timings(fn) -> dict:
+    """Run fn once and return {config: median ms, fastest first} from the autotuner that timed its
+    candidates during the call, if one did (the first call of a shape in a process). The autotuner
+    keeps only the pick; these say by how much it won, and which candidates never do."""
+    tuners = _tuners().values()
+    for t in tuners:
+        t.configs_timings = None
+    fn()
+    timed = {}
+    for t in tuners:
+        for cfg, ms in (getattr(t, "configs_timings", None) or {}).items():
+            ms = ms[0] if isinstance(ms, (list, tuple)) else ms  # (median, p20, p80) from do_bench
+            timed[str(cfg)] = round(ms, 4) if ms != float("inf") else None  # inf: it failed to run
+    return dict(sorted(timed.items(), key=lambda kv: float("inf") if kv[1] is None else kv[1]))
 
 
 def run(shapes, impls, save):
@@ -158,7 +194,11 @@ def run(shapes, impls, save):
             inputs = make_inputs(T, K, E, D, F, routing)
             A = T * K
             dense = dense_tflops(A, D, F)
-            split = stage_split(inputs)
+            split, candidates = stage_split(inputs)
+            for stage, timings in candidates.items():
+                best = list(timings.items())[:3]
+                print(f"  autotune {stage}: " + " | ".join(f"{ms} ms {cfg}" for cfg, ms in best)
+                      + f" ({len(timings)} candidates)", flush=True)
             for mode, flops in (("fwd", 6 * A * D * F), ("fwd+bwd", 18 * A * D * F)):
                 row = dict(shape=name, T=T, K=K, E=E, D=D, F=F, routing=routing, mode=mode,
                            rows_per_expert=A / E, dense_tflops=round(dense, 1))
@@ -177,6 +217,7 @@ def run(shapes, impls, save):
                             row[f"speedup_vs_{other}"] = round(row[other]["ms"] / ours, 2)
                 if mode == "fwd+bwd":
                     row["triton_stages_ms"] = {k: round(v, 4) for k, v in split.items()}
+                    row["autotune_candidates_ms"] = candidates
                 rows.append(row)
                 print(_fmt(row), flush=True)
                 save(rows)  # after every row: a run cut short still leaves its figures
@@ -221,9 +262,7 @@ def main():
 
 def tuned_configs():
     """What the autotuner chose, per kernel and key, to pin or to explain a figure."""
-    tuners = {f"expert_gemm{'_dual' if dual else ''}": k for dual, k in gemm_tuned.items()}
-    tuners["expert_wgrad"] = wgrad_tuned
-    return {name: {str(key): str(cfg) for key, cfg in t.cache.items()} for name, t in tuners.items()}
+    return {name: {str(key): str(cfg) for key, cfg in t.cache.items()} for name, t in _tuners().items()}
 
 
 if __name__ == "__main__":
