@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, prune_gemm, tma_compatible,
-                           use_triton_allocator)
+from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, launch, prune_gemm,
+                           tma_compatible)
 
 # constexpr so the kernel can branch on them at compile time; the launchers pass them as MODE.
 SWIGLU_FWD, SCATTER, SWIGLU_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -221,16 +221,11 @@ def _launch(mode, a, a_strides, w, w_strides, c, c_strides, r: Routing, N, KD,
                   W_KMAJOR=w_strides[2] == 1, W_TMA_OK=w_tma_ok, BM=r.block_m)
     if config is None and interpreting():
         config = triton.Config(dict(BN=INTERP_BN, BK=INTERP_BK, GROUP_M=4, W_TMA=False))
-    if not interpreting():
-        use_triton_allocator()
-    if config is not None:
-        if config.kwargs["W_TMA"] and not w_tma_ok:
-            raise ValueError(f"grouped GEMM config {config} reads the weights through TMA, which needs a 16-byte "
-                             f"aligned base and strides and one unit stride; got strides {tuple(w_strides)}")
-        grid = (r.num_blocks * triton.cdiv(N, config.kwargs["BN"]),)
-        _kernel_fixed[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    else:
-        _kernel_tuned[mode is SWIGLU_FWD][lambda meta: (r.num_blocks * triton.cdiv(N, meta["BN"]),)](*args, **consts)
+    if config is not None and config.kwargs["W_TMA"] and not w_tma_ok:
+        raise ValueError(f"grouped GEMM config {config} reads the weights through TMA, which needs a 16-byte "
+                         f"aligned base and strides and one unit stride; got strides {tuple(w_strides)}")
+    launch(_kernel_fixed, _kernel_tuned[mode is SWIGLU_FWD], lambda meta: (r.num_blocks * triton.cdiv(N, meta["BN"]),),
+           args, consts, config)
 
 
 def gate_up_swiglu(x_TD, gate_up_EFD, r: Routing, store_h: bool, config=None):

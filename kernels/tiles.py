@@ -101,6 +101,18 @@ def use_triton_allocator() -> None:
         triton.set_allocator(_torch_scratch)
 
 
+def launch(kernel, tuned, grid, args, consts, config=None):
+    """Run the autotuner's pick, or `config` on the plain kernel when one is given (a test's
+    candidate, or the interpreter's tile). `grid(meta)` sizes the launch from the tile either way."""
+    if not interpreting():
+        use_triton_allocator()
+    if config is None:
+        tuned[grid](*args, **consts)
+    else:
+        kernel[grid(config.kwargs)](*args, **consts, **config.kwargs,
+                                    num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def wgrad_configs():
     """Candidates for the per-expert weight-gradient GEMM (output tile BM x BN, reduction over rows).
     Each tile shape is tried with the tokens loaded in the iteration that uses them (ahead=False:

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels.routing import Routing
-from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, prune_wgrad, tma_compatible,
-                           use_triton_allocator, wgrad_configs)
+from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, launch, prune_wgrad, tma_compatible,
+                           wgrad_configs)
 
 
 @triton.jit
@@ -133,12 +133,6 @@ def expert_wgrad(l_XM, r_XN, r: Routing, l_gather: bool, r_gather: bool, out_dty
     if config is not None and config.kwargs["SORTED_TMA"] and not (l_gather != r_gather and consts["TMA_OK"]):
         raise ValueError(f"wgrad config {config} reads the sorted operand through TMA, which needs exactly one "
                          f"gathered operand (l_gather={l_gather}, r_gather={r_gather}) and 16-byte aligned rows")
-    if not interpreting():
-        use_triton_allocator()
-    if config is not None:
-        meta = config.kwargs
-        grid = (E * triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-        _expert_wgrad[grid](*args, **consts, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
-    else:
-        _kernel_tuned[lambda m: (E * triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)](*args, **consts)
+    launch(_expert_wgrad, _kernel_tuned, lambda m: (E * triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),),
+           args, consts, config)
     return c_EMN
