@@ -34,19 +34,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels import combine as combine_mod
-from kernels import grouped_gemm, wgrad
+from kernels import grouped_gemm
+from kernels.bench import _tuners as bench_tuners
 from kernels.tiles import interpreting
 from kernels.triton_ffn import expert_ffn_triton
 
 TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kernels.bench's QUICK shape
 
-# Which autotuned (or plain) kernel object each launch goes through, by a readable name.
-KERNELS = {
-    "expert_gemm": grouped_gemm._kernel_tuned[False],
-    "expert_gemm_dual": grouped_gemm._kernel_tuned[True],
-    "expert_wgrad": wgrad._kernel_tuned,
-    "combine": combine_mod._combine,
-}
+# Which autotuned (or plain) kernel object each launch goes through, by the benchmark's names.
+KERNELS = dict(bench_tuners(), combine=combine_mod._combine)
 MODES = {int(grouped_gemm.SWIGLU_FWD): "gate_up_swiglu", int(grouped_gemm.SWIGLU_BWD): "swiglu_bwd"}
 
 
@@ -141,7 +137,8 @@ def compile_one(kernel, named, cfg, warps, stages, arch):
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
     ttgir = compiled.asm["ttgir"]
     return dict(regs=int(regs), spill=int(stack), smem=compiled.metadata.shared,
-                buffers=sorted(int(n) for n in _ALLOC.findall(ttgir)), tma=ttgir.count("async_tma_copy_global_to_local"))
+                buffers=sorted(int(n) for n in _ALLOC.findall(ttgir)),
+                tma=ttgir.count("async_tma_copy_global_to_local"))
 
 
 def _launch_name(kernel_name, named):
