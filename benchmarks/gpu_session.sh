@@ -25,22 +25,21 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-for name in "${@:-tests target optim}"; do
-    for s in $name; do
-        case $s in
-            # Tests first: the autotuner times candidates but never checks their results. Each
-            # candidate compiles per test shape, so the compiles are spread over processes.
-            tests) step kernel_tests python -m pytest -q -p no:cacheprovider \
-                       $(python -c "import xdist" 2>/dev/null && echo "-n 8") \
-                       tests/test_kernels_gemm.py tests/test_kernels_ffn.py ;;
-            target) step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json" ;;
-            optim) step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json" ;;
-            grid) step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json" ;;
-            profile) step profile ncu --profile-from-start off --csv --page details --log-file "$out/profile.csv" \
-                         --section SpeedOfLight --section Occupancy --section LaunchStats \
-                         --section WarpStateStats --section MemoryWorkloadAnalysis \
-                         python -m kernels.profile ;;
-            *) echo "unknown step '$s' (tests, target, optim, grid, profile)" >&2; exit 2 ;;
-        esac
-    done
+steps=${*:-tests target optim}
+for s in $steps; do
+    case $s in
+        # Tests first: the autotuner times candidates but never checks their results. Each
+        # candidate compiles per test shape, so the compiles are spread over processes.
+        tests) step kernel_tests python -m pytest -q -p no:cacheprovider \
+                   $(python -c "import xdist" 2>/dev/null && echo "-n 8") \
+                   tests/test_kernels_gemm.py tests/test_kernels_ffn.py ;;
+        target) step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json" ;;
+        optim) step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json" ;;
+        grid) step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json" ;;
+        profile) step profile ncu --profile-from-start off --csv --page details --log-file "$out/profile.csv" \
+                     --section SpeedOfLight --section Occupancy --section LaunchStats \
+                     --section WarpStateStats --section MemoryWorkloadAnalysis \
+                     python -m kernels.profile ;;
+        *) echo "unknown step '$s' (tests, target, optim, grid, profile)" >&2; exit 2 ;;
+    esac
 done
