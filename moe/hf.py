@@ -10,16 +10,23 @@ those back on load; keys already in the stacked layout match no conversion patte
 are. We write the stacked layout, and read through transformers' loader, so both layouts import.
 A tool that reads only the per-expert layout gets it from transformers: load, then save_pretrained.
 
+Import from a directory is strict, because transformers is not: it fills a tensor missing from the
+checkpoint randomly and a field missing from config.json with DeepseekV3Config's defaults (61
+layers). So config.json is read as JSON first, and every tensor name and shape in the safetensors
+headers is compared with what the config describes, in either expert layout, before anything loads.
+
 Kimi K2's routing is DeepSeek-V3's with a single expert group, so n_group = topk_group = 1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -180,15 +187,130 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = 
     return out
 
 
-def import_hf(path_or_hf_model: str | os.PathLike | DeepseekV3ForCausalLM) -> Transformer:
-    """A Transformer (fp32, on the CPU) holding the weights of an HF DeepseekV3ForCausalLM or checkpoint.
+def _non_finite(value, name=""):
+    """The dotted names of the NaN / +-Infinity floats in a parsed JSON value (json reads NaN, Infinity, 1e999)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{name}.{key}" if name else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, f"{name}[{i}]")
 
-    A path is read through transformers' own loader, so checkpoints with per-expert keys (what
-    transformers' save_pretrained writes) and with stacked keys (what export_hf writes) both work.
+
+def _check_config_file(file: Path) -> None:
+    """Refuse a config.json that is not a DeepseekV3ForCausalLM's or that lacks a field ModelConfig takes from it."""
+    raw = json.loads(file.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file} must hold a JSON object of DeepseekV3Config fields")
+    for name, value in _non_finite(raw):
+        raise ConfigError(f"{file}: {name} = {value} is not a finite number")
+    if raw.get("model_type") != "deepseek_v3":
+        raise ConfigError(f"{file}: model_type = {raw.get('model_type')!r}; valid: 'deepseek_v3'")
+    if raw.get("architectures") not in (None, ["DeepseekV3ForCausalLM"]):
+        raise ConfigError(f"{file}: architectures = {raw['architectures']!r}; valid: ['DeepseekV3ForCausalLM']")
+    missing = [name for name in _FIELDS.values() if name not in raw]
+    # transformers 5 writes rope_parameters.rope_theta; older configs a top-level rope_theta (and
+    # rope_scaling for rope_parameters), which transformers still reads.
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if "rope_theta" not in raw and "rope_theta" not in rope:
+        missing.append("rope_parameters.rope_theta")
+    if missing:
+        raise ConfigError(
+            f"{file} lacks {', '.join(missing)}; transformers would fill them with DeepseekV3Config's "
+            "defaults (a 61-layer DeepSeek-V3), so write them into config.json"
+        )
+
+
+def _checkpoint_tensors(root: Path) -> tuple[Path, dict[str, tuple[tuple[int, ...], str]]]:
+    """The checkpoint's weights file (or shard index) and name -> (shape, file) of every tensor it holds,
+    read from the safetensors headers."""
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (root / "model.safetensors").exists():
+        index, files = root / "model.safetensors", ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"import_hf: {str(root)!r} holds neither model.safetensors nor model.safetensors.index.json")
+    found = {}
+    for file in files:
+        with safe_open(root / file, "pt") as f:
+            for name in f.keys():
+                found[name] = (tuple(f.get_slice(name).get_shape()), file)
+    return index, found
+
+
+def _per_expert(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The tensors transformers' save_pretrained writes for stacked `name`: one [out, in] weight per expert."""
+    prefix, kind = name.rsplit(".", 1)
+    E, rows, cols = shape
+    if kind == "gate_up_proj":  # [E, 2F, D]: gate rows, then up rows
+        return {f"{prefix}.{e}.{w}.weight": (rows // 2, cols) for e in range(E) for w in ("gate_proj", "up_proj")}
+    return {f"{prefix}.{e}.down_proj.weight": (rows, cols) for e in range(E)}  # down_proj [E, D, F]
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _check_tensors(root: Path, hf_cfg: DeepseekV3Config, cfg: ModelConfig) -> None:
+    """Refuse a checkpoint whose tensors are not exactly those of `cfg`, naming the differences and files."""
+    source, found = _checkpoint_tensors(root)
+    with torch.device("meta"):
+        stacked = {name: tuple(t.shape) for name, t in _hf_state_dict(Transformer(cfg)).items()}
+    expected = {}
+    for name, shape in stacked.items():
+        split = _per_expert(name, shape) if name.endswith((".experts.gate_up_proj", ".experts.down_proj")) else {}
+        expected.update(split if name not in found and any(k in found for k in split) else {name: shape})
+    # Multi-token-prediction layers follow the last layer (model.layers.61.* in DeepSeek-V3 and Kimi
+    # K2); they are not part of the main network and are dropped, as from_hf_config says.
+    last = cfg.num_layers + (hf_cfg.num_mtp_layers or 0)
+    mtp = tuple(f"{_PREFIX}layers.{i}." for i in range(cfg.num_layers, last))
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(f"{k} (in {found[k][1]})" for k in set(found) - set(expected) if not k.startswith(mtp))
+    mismatched = sorted(
+        f"{k} {list(found[k][0])} in {found[k][1]}, expected {list(expected[k])}"
+        for k in set(found) & set(expected) if found[k][0] != expected[k]
+    )
+    problems = [
+        f"{len(names)} {what}: {_listed(names)}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched))
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"import_hf: the tensors of {str(source)!r} do not match {str(root / 'config.json')!r}: " + "; ".join(problems)
+        )
+
+
+def _load_checkpoint(path: Path) -> DeepseekV3ForCausalLM:
+    """The DeepseekV3ForCausalLM of a checkpoint directory that passes both checks, in fp32."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"import_hf: {str(path)!r} is not a checkpoint directory (config.json + safetensors)")
+    _check_config_file(path / "config.json")
+    hf_cfg = DeepseekV3Config.from_pretrained(path)
+    _check_tensors(path, hf_cfg, from_hf_config(hf_cfg))
+    hf_model, info = DeepseekV3ForCausalLM.from_pretrained(path, config=hf_cfg, dtype=torch.float32, output_loading_info=True)
+    # Our header check and transformers' key conversion must agree; should a transformers release
+    # map names differently, fail here rather than run on randomly initialised weights.
+    left_random = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if left_random:
+        raise ValueError(f"import_hf: transformers left {_listed(left_random)} of {str(path)!r} unloaded")
+    return hf_model
+
+
+def import_hf(path_or_hf_model: str | os.PathLike | DeepseekV3ForCausalLM) -> Transformer:
+    """A Transformer (fp32, on the CPU) holding the weights of an HF DeepseekV3ForCausalLM or checkpoint directory.
+
+    A directory is checked (module docstring), then read through transformers' own loader, so
+    checkpoints with per-expert keys (what transformers' save_pretrained writes) and with stacked
+    keys (what export_hf writes) both work.
     """
     hf_model = path_or_hf_model
     if not isinstance(hf_model, DeepseekV3ForCausalLM):
-        hf_model = DeepseekV3ForCausalLM.from_pretrained(path_or_hf_model, dtype=torch.float32)
+        hf_model = _load_checkpoint(Path(path_or_hf_model))
     cfg = from_hf_config(hf_model.config)
     ours = {}
     for name, tensor in hf_model.state_dict().items():

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3RMSNorm
 
@@ -167,6 +168,122 @@ def test_export_then_import_is_exact(tmp_path):
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
+
+
+def _edit_tensors(file, edit):
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _edit_config(ckpt, edit):
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))  # NaN and Infinity written as JSON's non-standard literals
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+def _pop(key):
+    return lambda d: d.pop(key)
+
+
+EXPERTS = "model.layers.1.mlp.experts"
+# (layout, edit, message): each leaves a checkpoint transformers loads without an error, filling the
+# gap randomly or ignoring the extra tensor, except where it raises without naming the tensor.
+BAD_TENSORS = {
+    "stacked_gate_up_deleted": ("export_hf", _pop(f"{EXPERTS}.gate_up_proj"), rf"1 missing: {EXPERTS}\.gate_up_proj$"),
+    "one_expert_deleted": ("save_pretrained", _pop(f"{EXPERTS}.3.gate_proj.weight"),
+                           rf"1 missing: {EXPERTS}\.3\.gate_proj\.weight$"),
+    "router_bias_deleted": ("export_hf", _pop("model.layers.1.mlp.gate.e_score_correction_bias"),
+                            r"1 missing: model\.layers\.1\.mlp\.gate\.e_score_correction_bias$"),
+    "extra_tensor": ("export_hf", _set(f"{EXPERTS}.bias", torch.zeros(8)),
+                     rf"1 unexpected: {EXPERTS}\.bias \(in model\.safetensors\)$"),
+    # transformers ignores model.layers.61.* (DeepSeek-V3's MTP layer) whatever the model's depth.
+    "layer_61_of_2": ("export_hf", _set("model.layers.61.eh_proj.weight", torch.zeros(4, 4)),
+                      r"1 unexpected: model\.layers\.61\.eh_proj\.weight"),
+    "wrong_shape": ("export_hf", _set(f"{EXPERTS}.gate_up_proj", torch.zeros(8, 64, 32)),
+                    rf"1 of the wrong shape: {EXPERTS}\.gate_up_proj \[8, 64, 32\] in model\.safetensors, "
+                    r"expected \[8, 64, 64\]$"),
+}
+
+
+def _checkpoint(tmp_path, layout):
+    if layout == "export_hf":
+        export_hf(_random_model(preset("tiny"), seed=0), tmp_path / "ckpt")
+    else:
+        hf = _random_hf_model(_tiny_hf_config(), seed=5)
+        hf.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("case", list(BAD_TENSORS))
+def test_import_refuses_missing_unexpected_and_misshapen_tensors(tmp_path, case):
+    layout, edit, message = BAD_TENSORS[case]
+    ckpt = _checkpoint(tmp_path, layout)
+    _edit_tensors(ckpt / "model.safetensors", edit)
+    with pytest.raises(ValueError, match=rf"ckpt/model\.safetensors' do not match '.*ckpt/config\.json': {message}"):
+        import_hf(ckpt)
+
+
+def test_import_checks_every_shard_of_a_sharded_checkpoint(tmp_path):
+    hf = _random_hf_model(_tiny_hf_config(), seed=5)
+    hf.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (import_hf(tmp_path / "ckpt").eval()(ids).logits - hf(ids).logits).abs().max().item() < ATOL
+    name = "model.layers.2.mlp.experts.7.down_proj.weight"
+    _edit_tensors(tmp_path / "ckpt" / index[name], _pop(name))
+    with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json' do not match .*: 1 missing: {name}$"):
+        import_hf(tmp_path / "ckpt")
+
+
+def test_import_drops_multi_token_prediction_layers_after_the_last(tmp_path):
+    model = _random_model(preset("tiny"), seed=0)  # 2 layers: an MTP layer is model.layers.2
+    export_hf(model, tmp_path / "ckpt")
+    _edit_tensors(tmp_path / "ckpt" / "model.safetensors", _set("model.layers.2.eh_proj.weight", torch.zeros(64, 128)))
+    with pytest.raises(ValueError, match=r"1 unexpected: model\.layers\.2\.eh_proj\.weight"):
+        import_hf(tmp_path / "ckpt")  # config.json says num_nextn_predict_layers = 0
+    _edit_config(tmp_path / "ckpt", _set("num_nextn_predict_layers", 1))
+    back = import_hf(tmp_path / "ckpt")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def _set_rope_theta(value):
+    return lambda raw: raw["rope_parameters"].__setitem__("rope_theta", value)
+
+
+BAD_CONFIGS = {
+    # transformers would build DeepseekV3Config's 61 layers, 59 of them random.
+    "no_num_hidden_layers": (_pop("num_hidden_layers"), r"config\.json lacks num_hidden_layers; .*defaults"),
+    "no_rope_theta": (_pop("rope_parameters"), r"config\.json lacks rope_parameters\.rope_theta;"),
+    "nan_eps": (_set("rms_norm_eps", float("nan")), r"config\.json: rms_norm_eps = nan is not a finite number"),
+    "inf_rope_theta": (_set_rope_theta(float("inf")), r"config\.json: rope_parameters\.rope_theta = inf is not"),
+    "llama": (_set("model_type", "llama"), r"config\.json: model_type = 'llama'; valid: 'deepseek_v3'"),
+    "classifier": (_set("architectures", ["DeepseekV3ForSequenceClassification"]),
+                   r"config\.json: architectures = \['DeepseekV3ForSequenceClassification'\]; valid"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_import_refuses_an_incomplete_or_foreign_config(tmp_path, case):
+    edit, message = BAD_CONFIGS[case]
+    export_hf(_random_model(preset("tiny"), seed=0), tmp_path / "ckpt")
+    _edit_config(tmp_path / "ckpt", edit)
+    with pytest.raises(ConfigError, match=rf"ckpt/{message}"):
+        import_hf(tmp_path / "ckpt")
+
+
+def test_import_reads_a_top_level_rope_theta(tmp_path):
+    # Configs written before transformers 5 carry rope_theta beside the other fields.
+    model = _random_model(preset("tiny", rope_theta=50000.0), seed=0)
+    export_hf(model, tmp_path / "ckpt")
+    _edit_config(tmp_path / "ckpt", lambda raw: raw.update(rope_theta=raw.pop("rope_parameters")["rope_theta"]))
+    assert import_hf(tmp_path / "ckpt").cfg == model.cfg
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_config_round_trips_through_hf(name):
