@@ -164,23 +164,6 @@ def test_group_validation_names_the_key():
         Muon([dict(params=[w], use_muon=True, row_blocks=3)])
 
 
-def test_build_registry_and_dotted_paths():
-    model = Transformer(preset("tiny"))
-    assert isinstance(optim.build("adamw", model, lr=1e-3), torch.optim.AdamW)
-    assert type(optim.build("muon", model, lr=1e-3, ns_steps=4)) is optim.Muon
-    clip = optim.build("muonclip", model, lr=1e-3, qk_clip_tau=30.0)
-    assert isinstance(clip, optim.MuonClip) and clip.qk_clip.tau == 30.0
-    assert all(a.record_max_logits for a in model.attentions())
-    sgd = optim.build("torch.optim.SGD", model, lr=0.1, momentum=0.9)
-    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
-    with pytest.raises(ValueError, match="unknown key 'qk_clip_tau' for optimizer 'muon'; valid keys: lr, "):
-        optim.build("muon", model, qk_clip_tau=100.0)
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'; valid: adamw, muon, muonclip"):
-        optim.build("lion", model)
-    with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
-        optim.build("torch.nn.Linear", model)
-
-
 def _train(model, opt, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
