@@ -30,6 +30,7 @@ the first builds, the rest load its files.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -175,7 +176,9 @@ def tokenise(split: datasets.Dataset, docs: Documents, tokenizer, name: str, cfg
         cache_file_name=cache_file,
         load_from_cache_file=True,
         # Our key, not datasets' hash of `encode`: hashing a closure over a Rust tokenizer is not stable.
-        new_fingerprint=key,
+        # Hashed, because datasets caps a fingerprint at 64 characters and num_proc > 1 appends a
+        # shard suffix ("_00000_of_00002") to it; the file name above stays readable.
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
         num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
         desc=f"tokenising {name}",
     )

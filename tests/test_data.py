@@ -188,6 +188,17 @@ def test_second_build_neither_retrains_nor_retokenises(tmp_path, monkeypatch):
     assert build_data(_cfg(tmp_path, vocab_size=300), 64).vocab_size == 300
 
 
+def test_num_proc_2_gives_the_same_token_ids_as_one_process(tmp_path):
+    """Two tokenising processes (each writing a shard of the map's cache) vs one, separate caches, same BPE."""
+    one = build_data(_cfg(tmp_path / "one", vocab_size=300), 16)
+    two_cfg = _cfg(tmp_path / "two", vocab_size=300, num_proc=2)
+    two = build_data(two_cfg, 16)
+    assert not two.stats["tokens_cached"] and two.stats["train_docs"] >= 4  # enough documents for 2 shards
+    assert torch.equal(one.train, two.train) and torch.equal(one.val, two.val)
+    again = build_data(two_cfg, 16)  # and the shards are found again
+    assert again.stats["tokens_cached"] and torch.equal(again.train, one.train)
+
+
 def test_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KIMI_MOE_CACHE", str(tmp_path / "env"))
     assert DataConfig().cache_dir == str(tmp_path / "env")
