@@ -3,6 +3,8 @@
 `load_documents(path, text_field, max_bytes, cache_dir)` returns a `Documents`: a `datasets.Dataset`
 with one document per row in column `text_field`, and a fingerprint that changes when the documents
 do (it keys every cache built from them). Every check on the user's input runs before any file is read.
+When `datasets` cannot read a corpus of several files, each is read again on its own so the error
+names the one at fault (and, for JSON, its line) instead of "an error occurred while generating".
 
 `path` is read as, in this order:
   None                  the Python standard library's own source, one .py file per document
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 
 import datasets
@@ -151,13 +154,87 @@ def stdlib_documents(max_bytes: int) -> Documents:
 
 def _load_files(builder: str, files: list[str], cache_dir: str, description: str, **kwargs) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
-    except datasets.exceptions.DatasetGenerationError as err:
-        raise ConfigError(f"{description} could not be read: {err.__cause__ or err}") from err
-    except ValueError as err:
-        if "corresponds to no data" not in str(err):  # datasets' words for a split with zero rows
-            raise
-        raise ConfigError(f"{description} holds 0 documents; need >= 2 to hold one out") from None
+        return _load(builder, files, cache_dir, kwargs)
+    # ValueError (pyarrow's ArrowInvalid among them): the first file, read to infer the schema, is broken.
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+        if _holds_no_rows(err):
+            raise ConfigError(f"{description} holds 0 documents; need >= 2 to hold one out") from None
+        # `datasets` does not say which file failed, so with several files each is read again on its own.
+        why = _file_error(files[0], err) if len(files) == 1 else _find_bad_file(builder, files, kwargs)
+        if why is None:
+            if not isinstance(err, datasets.exceptions.DatasetGenerationError):
+                raise
+            why = str(err.__cause__ or err)
+        raise ConfigError(f"{description} could not be read: {why}") from err
+
+
+def _load(builder: str, files: list[str], cache_dir: str, kwargs: dict) -> datasets.Dataset:
+    return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+
+
+def _holds_no_rows(err: Exception) -> bool:
+    return isinstance(err, ValueError) and "corresponds to no data" in str(err)  # datasets' words for 0 rows
+
+
+def _find_bad_file(builder: str, files: list[str], kwargs: dict) -> str | None:
+    """What is wrong with the first of `files` that fails on its own, else with the first whose column
+    names, then types, differ from the first file's; None if none does. Read into a scratch cache."""
+    read = []  # (file, features) of each file that reads on its own
+    with tempfile.TemporaryDirectory() as scratch:
+        for f in files:
+            try:
+                read.append((f, _load(builder, [f], scratch, kwargs).features))
+            except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
+                if not _holds_no_rows(err):  # an empty file is fine among others
+                    return _file_error(f, err)
+    # Names first: `datasets` casts a column to the first file's type when it can, so a type that differs
+    # is the culprit only when no file lacks or adds a column.
+    for differ in (lambda a, b: set(a) != set(b), lambda a, b: a != b):
+        for f, features in read[1:]:
+            if differ(features, read[0][1]):
+                return (f"file {f!r} has columns {_columns(features)} but file {read[0][0]!r} has "
+                        f"{_columns(read[0][1])}; every file needs the same columns")
+    return None
+
+
+def _file_error(path: str, err: Exception) -> str:
+    where = _json_error_line(path) if path.lower().endswith((".json", ".jsonl")) else None
+    return f"file {path!r}, {where}" if where else f"file {path!r}: {err.__cause__ or err}"
+
+
+def _json_error_line(path: str) -> str | None:
+    """'line N: why' for the first line of JSON lines in `path` that is not a JSON object (or for the
+    syntax error of a .json document), else None. Bytes, so lines end at b"\n" as in `datasets`."""
+    with open(path, "rb") as fh:
+        if path.lower().endswith(".json"):
+            raw = fh.read()
+            try:
+                json.loads(raw)
+                return None  # one valid document: its shape, not its syntax, is what `datasets` refused
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":  # "Extra data" after the first value: JSON lines
+                    return f"line {e.lineno}: {e.msg} (column {e.colno})"
+            except ValueError as e:
+                return f"not UTF-8: {e}"
+            lines = raw.split(b"\n")
+        else:
+            lines = fh
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip(b"\r\n"))  # so a line cut short reports its own last column
+            except json.JSONDecodeError as e:
+                return f"line {n}: {e.msg} (column {e.colno})"
+            except ValueError as e:
+                return f"line {n}: not UTF-8: {e}"
+            if not isinstance(row, dict):
+                return f"line {n}: a JSON {type(row).__name__}, not an object"
+    return None
+
+
+def _columns(features: datasets.Features) -> str:
+    return ", ".join(f"{name}: {feature}" for name, feature in features.items())
 
 
 def _cached_dataset(name: str) -> datasets.Dataset:
