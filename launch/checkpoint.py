@@ -1,11 +1,17 @@
-"""Checkpoints that a crash cannot fake, and resume that falls back past damaged ones.
+"""Checkpoints that a crash cannot fake and that cannot run code, and resume that falls back past
+damaged ones but never past ones this run cannot use.
 
 Layout under <out_dir>/checkpoints/:
 
-    step_00000120/rank00000.pt ...   one file per rank: its model share, optimizer partition,
-                                     scheduler, data position and RNG states
-    step_00000120/manifest.json      step, world and EP size, and every file's byte count and SHA-256
-    latest                           the name of the newest complete checkpoint
+    step_00000120/rank00000.json         per rank: the structure of its state and every plain value
+    step_00000120/rank00000.safetensors  per rank: its tensors (model share, optimizer partition, RNG)
+    step_00000120/manifest.json          format, step, world and EP size, ZeRO stage, the model and
+                                         training config, and every file's byte count and SHA-256
+    latest                               the name of the newest complete checkpoint
+
+Nothing is unpickled: the state is JSON plus safetensors (`launch/state_files.py`), so a checkpoint
+handed over by someone else is data, never code. Checkpoints in the old `rank*.pt` (pickle) format
+are refused with a message, not loaded.
 
 Write protocol: every rank writes into `step_N.tmp/` and fsyncs; the ranks' sizes and digests are
 gathered on rank 0 (which doubles as "everybody finished"); rank 0 writes the manifest, renames the
@@ -13,6 +19,12 @@ directory to `step_N/` and only then replaces `latest` (write-and-rename, atomic
 any point leaves either no `step_N/` at all or a complete one, and `latest` always names a complete
 checkpoint. A truncated or corrupted file is caught by the manifest at load, and `find_resumable`
 falls back to the newest checkpoint that verifies. Multi-node runs need out_dir on a shared filesystem.
+
+Two kinds of rejection: a checkpoint that is damaged (a file missing, truncated or altered) is
+skipped for the one before it; a checkpoint this run cannot use (another world size, EP size or ZeRO
+stage, the old pickle format) stops the resume with `CheckpointMismatch`, since an older checkpoint of
+the same run would not fit either. When no checkpoint is usable the resume stops, naming each one and
+why, and nothing on disk is touched.
 """
 
 from __future__ import annotations
@@ -30,11 +42,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch import state_files
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+FORMAT = "kimi-moe-checkpoint/2"  # manifests of the JSON + safetensors layout; the pickle layout had none
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or damaged; the message says which file and how."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint this run cannot use (geometry, format, model): an error, never a skip."""
 
 
 def rng_state() -> dict:
@@ -52,8 +71,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _rank_file(rank: int) -> str:
-    return f"rank{rank:05d}.pt"
+def _rank_files(rank: int) -> tuple[str, str]:
+    """(structure, tensors) file names of one rank's state."""
+    return f"rank{rank:05d}.json", f"rank{rank:05d}.safetensors"
 
 
 def _digest(path: Path) -> str:
@@ -88,38 +108,66 @@ def save(root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
     rank, world = _world()
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
+    setup_error = None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash while writing this step earlier
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            setup_error = err
     if dist.is_initialized():
         dist.barrier()
-    path = tmp / _rank_file(rank)
-    with path.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    entry = {"file": path.name, "bytes": path.stat().st_size, "sha256": _digest(path)}
+    try:
+        if setup_error:
+            raise setup_error
+        paths = [tmp / name for name in _rank_files(rank)]
+        state_files.save(state, *paths)
+        entry = [{"file": p.name, "bytes": p.stat().st_size, "sha256": _digest(p)} for p in paths]
+    except OSError as err:  # a full disk, a quota, a lost mount: every rank must hear of it, not hang
+        entry = f"rank {rank}: {err}"
     entries = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(entries, entry)  # returns on a rank once every rank has written
     else:
         entries = [entry]
-    if rank == 0:
-        manifest = {"step": step, "world_size": world, **meta, "files": entries}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # a checkpoint of this step from a run that crashed later: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        _fsync_dir(root)
-        _prune(root, keep)
+    failures = [e for e in entries if isinstance(e, str)]
+    if not failures and rank == 0:
+        try:
+            _publish(root, tmp, final, step, world, meta, [f for e in entries for f in e], keep)
+        except OSError as err:
+            failures = [f"rank 0: {err}"]
     if dist.is_initialized():
-        dist.barrier()  # nobody runs ahead (and maybe crashes) before the pointer has moved
+        shared = [failures]
+        dist.broadcast_object_list(shared, src=0)  # also: nobody runs ahead before the pointer has moved
+        failures = shared[0]
+    if failures:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"writing checkpoint {final.name} under {root} failed ({'; '.join(failures)}); the newest complete "
+            f"checkpoint is still {latest(root) or 'none'}. Free space (or fix the filesystem) and relaunch with --resume"
+        )
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, meta: dict, files: list, keep: int) -> None:
+    """Rank 0, once every rank's files are written: manifest, rename, pointer, prune."""
+    manifest = {"format": FORMAT, "step": step, "world_size": world, **meta, "files": files}
+    path = tmp / "manifest.json"
+    with path.open("w") as f:
+        f.write(json.dumps(manifest, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of this step from an attempt that crashed later: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    _prune(root, keep)
 
 
 def _complete_dirs(root: Path) -> list[Path]:
@@ -139,73 +187,118 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify(ckpt: Path, meta: dict) -> dict:
-    """The manifest of `ckpt` if every file is there with its recorded size and digest and the run's
-    geometry matches `meta`; raises CheckpointError naming the first problem otherwise."""
+def read_manifest(ckpt: Path) -> dict:
+    """The manifest of `ckpt`, checked to be a readable manifest of the current format."""
     manifest_path = ckpt / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{ckpt}: no manifest.json, the checkpoint was never completed")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no list of files)")
+    if manifest.get("format") != FORMAT:
+        if "format" not in manifest and any(str(e.get("file", "")).endswith(".pt") for e in manifest["files"]
+                                            if isinstance(e, dict)):
+            raise CheckpointMismatch(
+                f"{ckpt}: written in the old rank*.pt format, a pickle, which this version never loads because "
+                "unpickling a file can run any code it names. Train it to a new checkpoint with the version that "
+                "wrote it, or start a new run"
+            )
+        raise CheckpointMismatch(f"{manifest_path}: format {manifest.get('format')!r}; this version reads {FORMAT!r}")
+    return manifest
+
+
+def verify(ckpt: Path, meta: dict) -> dict:
+    """The manifest of `ckpt` if every file is there with its recorded size and digest and the run's
+    geometry matches `meta`. Raises CheckpointMismatch for an intact checkpoint this run cannot use,
+    CheckpointError for a damaged one, naming the first problem."""
+    manifest = read_manifest(ckpt)
     for key, value in meta.items():
         if manifest.get(key) != value:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{ckpt}: saved with {key} = {manifest.get(key)!r}, this run has {key} = {value!r}; "
                 f"relaunch with the same {key} to resume from it"
             )
+    expected = {name for r in range(manifest.get("world_size", 0)) for name in _rank_files(r)}
+    listed = set()
     for entry in manifest["files"]:
+        if not isinstance(entry, dict) or entry.get("file") not in expected:
+            raise CheckpointError(f"{ckpt}/manifest.json: file entry {entry!r} is not one of this checkpoint's files")
+        listed.add(entry["file"])
         path = ckpt / entry["file"]
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{path}: {size} bytes, the manifest recorded {entry['bytes']} (truncated?)")
-        if _digest(path) != entry["sha256"]:
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"{path}: {size} bytes, the manifest recorded {entry.get('bytes')} (truncated?)")
+        if _digest(path) != entry.get("sha256"):
             raise CheckpointError(f"{path}: SHA-256 differs from the manifest's (corrupted)")
+    if listed != expected:
+        raise CheckpointError(f"{ckpt}/manifest.json lists no entry for {sorted(expected - listed)[:4]}")
     return manifest
 
 
-def find_resumable(root: Path, meta: dict, log=print) -> Path | None:
-    """The newest checkpoint under `root` that verifies, starting from the one `latest` names;
-    None if there is none. Every rejected checkpoint is reported through `log` with its reason."""
+def find_resumable(root: Path, meta: dict, log=print) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under `root` that verifies, the names of the damaged ones newer than it).
+
+    (None, []) when `root` holds no checkpoint at all. A damaged checkpoint is reported through `log`
+    and skipped for an older one; one this run cannot use raises CheckpointMismatch; if every
+    checkpoint is damaged, CheckpointError names each with its reason.
+    """
     root = Path(root)
     candidates = _complete_dirs(root)
     pointer = root / "latest"
     if pointer.is_file():
-        named = root / pointer.read_text().strip()
+        named = root / pointer.read_text(errors="replace").strip()
         # Newer complete directories than `latest` can exist only if a crash hit between the rename
         # and the pointer update; they verify like any other, so keep plain newest-first order.
         if named not in candidates:
             log(f"checkpoint: `latest` names {named.name}, which does not exist; searching {root}")
+    damaged = []
     for ckpt in candidates:
         try:
             verify(ckpt, meta)
-            return ckpt
+            return ckpt, [d for d, _ in damaged]
+        except CheckpointMismatch:
+            raise
         except CheckpointError as err:
             log(f"checkpoint: skipping {ckpt.name}: {err}")
-    return None
+            damaged.append((ckpt.name, str(err)))
+    if damaged:
+        reasons = "; ".join(f"{name}: {why}" for name, why in damaged)
+        raise CheckpointError(f"none of the {len(damaged)} checkpoint(s) under {root} can be used ({reasons}); "
+                              "nothing was changed")
+    return None, []
 
 
-def resolve_resume(root: Path, meta: dict) -> Path | None:
-    """`find_resumable` on rank 0, its answer broadcast, so every rank loads the same checkpoint
-    (collective). Rejections are printed to stderr."""
-    rank, _ = _world()
-    choice = [None]
-    if rank == 0:
-        found = find_resumable(root, meta, log=lambda m: print(m, file=sys.stderr, flush=True))
-        choice = [str(found) if found else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+def set_aside(root: Path, names: list[str]) -> list[str]:
+    """Rename damaged checkpoints to step_N.damaged (never deleted, never pruned, never resumed), so
+    a resume from an older one cannot overwrite what is left of them. Returns the new names."""
+    moved = []
+    for name in names:
+        target, n = root / f"{name}.damaged", 1
+        while target.exists():
+            n += 1
+            target = root / f"{name}.damaged{n}"
+        os.replace(root / name, target)
+        moved.append(target.name)
+    if moved:
+        _fsync_dir(root)
+    return moved
 
 
-def load(ckpt: Path) -> dict:
-    """This rank's state from a checkpoint `resolve_resume` chose."""
-    rank, _ = _world()
-    # Our own files, holding numpy and Python RNG states besides tensors: a full unpickle.
-    return torch.load(ckpt / _rank_file(rank), map_location="cpu", weights_only=False)
+def load(ckpt: Path, rank: int | None = None, only: str | None = None) -> dict:
+    """Rank `rank`'s state (default: this process's) from a verified checkpoint; `only` reads one
+    top-level key of it (e.g. "model") and no other tensors."""
+    if rank is None:
+        rank, _ = _world()
+    names = _rank_files(rank)
+    try:
+        return state_files.load(ckpt / names[0], ckpt / names[1], only=only)
+    except state_files.StateFormatError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def latest(root: Path) -> str | None:

@@ -2,21 +2,24 @@
 
     python -m launch.export runs/my-run/checkpoints            # newest good checkpoint
     python -m launch.export runs/my-run/checkpoints/step_00001000 --hf-dir hf/my-model
+    python -m launch.export runs/my-run/checkpoints --safetensors my-model.safetensors
 
 `consolidate` rebuilds the single-device `Transformer` (routed experts gathered from the EP ranks'
 files, in expert order); `--hf-dir` then writes it in the Hugging Face DeepseekV3 format through
 `moe.hf.export_hf`, loadable with `transformers.AutoModelForCausalLM.from_pretrained`.
-Runs on one CPU process, no launcher.
+`--safetensors` writes our own state_dict names (what `Transformer.load_state_dict` takes). Neither
+output is a pickle, and neither replaces an existing file. Runs on one CPU process, no launcher.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+from safetensors.torch import save_file
 
 from launch import checkpoint
 from moe.config import ModelConfig
@@ -31,8 +34,7 @@ def consolidate(ckpt: Path) -> Transformer:
     model = Transformer(ModelConfig(**manifest["model_config"]))
     ep_size = manifest.get("ep_size", 1)
     # Ranks 0..ep_size-1 form the first expert-parallel group: together they hold every expert.
-    shards = [torch.load(ckpt / manifest["files"][r]["file"], map_location="cpu", weights_only=False)["model"]
-              for r in range(ep_size)]
+    shards = [checkpoint.load(ckpt, rank=r, only="model") for r in range(ep_size)]
     state = {}
     for key, ref in model.state_dict().items():
         saved = shards[0].get(key)
@@ -54,25 +56,35 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step_* directory, or a checkpoints/ directory (its newest good one)")
     parser.add_argument("--hf-dir", help="write a Hugging Face model here (config.json + safetensors)")
-    parser.add_argument("--pt", help="write the consolidated state_dict here with torch.save")
+    parser.add_argument("--safetensors", metavar="FILE", help="write the consolidated state_dict here (safetensors)")
     args = parser.parse_args(argv)
     ckpt = Path(args.checkpoint)
+    # Refuse before the (possibly long) consolidation: nothing a user saved is replaced.
+    if args.safetensors and Path(args.safetensors).exists():
+        sys.exit(f"export: --safetensors {args.safetensors!r} already exists; nothing was written (remove it or pick another path)")
+    if args.hf_dir and Path(args.hf_dir).exists() and (not Path(args.hf_dir).is_dir() or any(Path(args.hf_dir).iterdir())):
+        sys.exit(f"export: --hf-dir {args.hf_dir!r} exists and is not an empty directory; nothing was written")
     try:
         if not (ckpt / "manifest.json").exists():
-            found = checkpoint.find_resumable(ckpt, {}, log=lambda m: print(m, file=sys.stderr))
+            found, _ = checkpoint.find_resumable(ckpt, {}, log=lambda m: print(m, file=sys.stderr))
             if found is None:
                 raise checkpoint.CheckpointError(f"{ckpt}: no complete checkpoint found")
             ckpt = found
         model = consolidate(ckpt)
     except checkpoint.CheckpointError as err:
         sys.exit(f"export: {err}")
-    if args.pt:
-        torch.save(model.state_dict(), args.pt)
+    if args.safetensors:
+        tmp = Path(args.safetensors + ".tmp")
+        state = model.state_dict()
+        if model.cfg.tie_embeddings:  # safetensors refuses two names for one tensor; keep both keys loadable
+            state["lm_head.weight"] = state["lm_head.weight"].clone()
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, args.safetensors)
     if args.hf_dir:
         from moe.hf import export_hf
 
         export_hf(model, args.hf_dir)
-    print(json.dumps({"checkpoint": str(ckpt), "hf_dir": args.hf_dir, "pt": args.pt}))
+    print(json.dumps({"checkpoint": str(ckpt), "hf_dir": args.hf_dir, "safetensors": args.safetensors}))
 
 
 if __name__ == "__main__":

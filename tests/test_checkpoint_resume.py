@@ -27,7 +27,7 @@ def losses(out, key="lm_loss"):
 
 
 def final_weights(out, step=6):
-    return torch.load(out / "checkpoints" / f"step_{step:08d}" / "rank00000.pt", weights_only=False)
+    return checkpoint.load(out / "checkpoints" / f"step_{step:08d}")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _resume_from(tmp, full, step, name, damage=None):
             shutil.rmtree(later)
     (out / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
     if damage:
-        damage(out / "checkpoints" / f"step_{step:08d}" / "rank00000.pt")
+        damage(out / "checkpoints" / f"step_{step:08d}" / "rank00000.safetensors")
     (out / "metrics.jsonl").write_text("")
     run(parse_args(args(tmp, out, "--optimizer", "muonclip", "--resume")))
     return out
@@ -100,6 +100,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
     assert "step 3: non-finite loss or gradient" in capsys.readouterr().err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     manifest = checkpoint.verify(out / "checkpoints" / "step_00000004", {"world_size": 1})
-    state = torch.load(out / "checkpoints" / "step_00000004" / "rank00000.pt", weights_only=False)
+    state = checkpoint.load(out / "checkpoints" / "step_00000004")
     assert manifest["step"] == 4 and state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import checkpoint
+
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from harness import REPO, free_port  # noqa: E402
 
@@ -73,7 +75,7 @@ def launch_and_kill(out, cache, kill_step: int, rank: int) -> int:
 
 def final_model(out: Path) -> dict:
     ckpt = out / "checkpoints" / f"step_{STEPS:08d}"
-    return {r: torch.load(ckpt / f"rank{r:05d}.pt", weights_only=False)["model"] for r in range(2)}
+    return {r: checkpoint.load(ckpt, rank=r, only="model") for r in range(2)}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_sigkill_then_relaunch_matches_uninterrupted(reference, tmp_path, seed, 
     if damage:
         # Damage the newest checkpoint too: the relaunch must notice and take the one before.
         assert len(done) >= 2, done
-        newest = out / "checkpoints" / max(done) / "rank00001.pt"
+        newest = out / "checkpoints" / max(done) / "rank00001.safetensors"
         newest.write_bytes(newest.read_bytes()[:2000])
     proc = launch(out, cache)
     if damage:
