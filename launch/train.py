@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 import optim
-from launch import checkpoint
+from launch import checkpoint, resume, run_dir
 from launch.config import TrainConfig, default_out_dir, parse_args
 from launch.data import build_data, TrainBatches, ValBatches
 from launch.distributed import DistInfo, expert_groups, init_distributed, launched
@@ -29,6 +28,10 @@ from launch.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError
 from moe.model import Transformer
 from moe.params import count_parameters
+
+
+class TrainingFailed(RuntimeError):
+    """The run trained but did not succeed (non-finite steps): the message says where it stands."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -45,27 +48,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but no CUDA device is visible; use --device cpu or auto")
     return torch.device(name)
-
-
-def prepare_out_dir(cfg: TrainConfig, info: DistInfo | None) -> Path:
-    """A fresh directory for this run. An existing non-empty one is refused, never overwritten,
-    unless --resume (then it is the run to continue). Rank 0 decides; every rank gets its answer."""
-    out, error = None, None
-    if info is None or info.is_main:
-        out = Path(cfg.out_dir or default_out_dir(cfg))
-        if out.exists() and any(out.iterdir()) and not cfg.resume:
-            error = (f"out_dir {str(out)!r} already holds files; pick another --out-dir, or add --resume to "
-                     "continue that run (nothing was overwritten)")
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-    if info is not None:
-        shared = [str(out) if out else None, error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        out, error = Path(shared[0]) if shared[0] else None, shared[1]
-    if error:
-        raise ConfigError(error)
-    cfg.out_dir = str(out)
-    return out
 
 
 def autocast(device: torch.device, info: DistInfo | None = None):
@@ -114,11 +96,12 @@ def evaluate(model, val_batches, device, info: DistInfo | None = None) -> float:
     return total / count
 
 
-def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, device, out: Path):
-    """The plain PyTorch stepper in one process; a DeepSpeed engine under a launcher."""
+def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, device):
+    """The plain PyTorch stepper in one process; a DeepSpeed engine under a launcher. Returns
+    (stepper, the optimizer whose param groups hold the lr, the DeepSpeed config or None)."""
     if info is None:
-        return LocalStepper(model, optimizer, cfg.grad_accum, cfg.grad_clip), optimizer
-    from launch.deepspeed_config import build_deepspeed_config, write_deepspeed_config
+        return LocalStepper(model, optimizer, cfg.grad_accum, cfg.grad_clip), optimizer, None
+    from launch.deepspeed_config import build_deepspeed_config
     from launch.engine import build_deepspeed_stepper
 
     ds = build_deepspeed_config(
@@ -126,14 +109,49 @@ def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, dev
         grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage, bf16=device.type == "cuda",
         user_file=cfg.deepspeed_config,
     )
-    if info.is_main:
-        write_deepspeed_config(ds, out)
     stepper = build_deepspeed_stepper(model, optimizer, ds, expert_parallel=info.ep_size > 1)
-    return stepper, stepper.engine.optimizer.optimizer  # the client optimizer whose groups hold the lr
+    return stepper, stepper.engine.optimizer.optimizer, ds  # the client optimizer's groups hold the lr
+
+
+def on_main(info: DistInfo | None, fn):
+    """fn() on rank 0; its result, or the ConfigError / CheckpointError it raised, on every rank."""
+    result, error = None, None
+    if info is None or info.is_main:
+        try:
+            result = fn()
+        except (ConfigError, checkpoint.CheckpointError) as err:
+            error = err
+    if info is not None:
+        shared = [result, None if error is None else (isinstance(error, checkpoint.CheckpointError), str(error))]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        result = shared[0]
+        if shared[1] is not None and error is None:
+            error = (checkpoint.CheckpointError if shared[1][0] else ConfigError)(shared[1][1])
+    if error is not None:
+        raise error
+    return result
+
+
+def apply_schedule_change(scheduler, optimizer, cfg: TrainConfig, changes: dict) -> None:
+    """A resume that changes lr or its schedule: the new values hold from the resume step on.
+    The scheduler's state (restored from the checkpoint) carries the old lr in base_lrs."""
+    if "lr" in changes:
+        old, new = changes["lr"]
+        scheduler.base_lrs = [base * new / old if old else new for base in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["initial_lr"] * new / old if old else new
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_factor(scheduler.last_epoch, cfg)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary also written to summary.json."""
+    # Every check that needs no data runs before any work: a typo in the optimizer costs nothing.
+    try:
+        optim.check(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     device = pick_device(cfg.device)
     info = None
     if launched():
@@ -143,26 +161,70 @@ def run(cfg: TrainConfig) -> dict:
     elif cfg.ep_size != 1:
         raise ConfigError(f"ep_size = {cfg.ep_size} needs several processes; launch with torchrun or deepspeed")
     is_main = info is None or info.is_main
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    data = build_data(cfg.data, cfg.seq_len)
-    model_cfg = cfg.model_config(vocab_size=data.vocab_size)
-    out = prepare_out_dir(cfg, info)
-    if is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "resolved_model": vars(model_cfg)}, sort_keys=False))
-
-    model = Transformer(model_cfg).to(device)
-    counts = count_parameters(model)
-    if info is not None and info.ep_size > 1:
-        from launch.expert_parallel import apply_expert_parallel
-
-        ep_group, _, group_name = expert_groups(info.ep_size)
-        apply_expert_parallel(model, ep_group, group_name)
-    optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
-    stepper, optimizer = build_stepper(cfg, model, optimizer, info, device, out)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     world = 1 if info is None else info.world_size
     rank = 0 if info is None else info.rank
-    batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    out = Path(on_main(info, lambda: cfg.out_dir or default_out_dir(cfg)))
+    cfg.out_dir = str(out)
+    ckpt_meta = {"world_size": world, "ep_size": 1 if info is None else info.ep_size,
+                 "zero_stage": None if info is None else cfg.zero_stage}
+    setup = run_dir.RunSetup(out, cfg.resume, ckpt_meta) if is_main else None
+    decision = on_main(info, lambda: setup.open())
+    try:
+        return _train(cfg, info, device, out, decision, setup, ckpt_meta)
+    finally:
+        if setup is not None:
+            setup.close()
+
+
+def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision: dict, setup, ckpt_meta: dict) -> dict:
+    is_main = info is None or info.is_main
+    world = 1 if info is None else info.world_size
+    rank = 0 if info is None else info.rank
+    try:
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        data = build_data(cfg.data, cfg.seq_len)
+        model_cfg = cfg.model_config(vocab_size=data.vocab_size)
+        config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
+        start_step, changes = 0, {}
+        if decision["resuming"]:
+            saved = decision["saved"]
+            changes = resume.compare(saved["train"], saved["model"], config, config["resolved_model"])
+            start_step = saved["step"]
+            if start_step >= cfg.steps:
+                raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
+                                  f"nothing left to train; pass --steps above {start_step} to continue it")
+
+        model = Transformer(model_cfg).to(device)
+        counts = count_parameters(model)
+        if info is not None and info.ep_size > 1:
+            from launch.expert_parallel import apply_expert_parallel
+
+            ep_group, _, group_name = expert_groups(info.ep_size)
+            apply_expert_parallel(model, ep_group, group_name)
+        optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+        stepper, optimizer, ds_config = build_stepper(cfg, model, optimizer, info, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+        batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world)
+        if decision["ckpt"] is not None:
+            state = checkpoint.load(Path(decision["ckpt"]))
+            stepper.load_state_dict(state)
+            scheduler.load_state_dict(state["scheduler"])
+            batches.load_state_dict(state["data"])
+            checkpoint.set_rng_state(state["rng"])
+            if state["step"] != start_step:
+                raise checkpoint.CheckpointError(f"{decision['ckpt']}: holds step {state['step']}, its manifest says {start_step}")
+            if changes.keys() & resume.SCHEDULE:
+                apply_schedule_change(scheduler, optimizer, cfg, changes)
+    except BaseException:
+        if setup is not None:
+            setup.abandon()
+        raise
+    if is_main:
+        setup.accept(decision, config, start_step, changes)
+        if ds_config is not None:
+            from launch.deepspeed_config import write_deepspeed_config
+
+            write_deepspeed_config(ds_config, out)
     val_batches = ValBatches(data.val, cfg.micro_batch_size, cfg.eval_batches)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
     peak = gpu_peak_flops(device)
@@ -175,28 +237,16 @@ def run(cfg: TrainConfig) -> dict:
             + (f" (ZeRO-{cfg.zero_stage}, EP {info.ep_size})" if info else "") + f"; writing {out}",
             file=sys.stderr,
         )
+        if decision["resuming"]:
+            print(f"resuming from {decision['ckpt']} at step {start_step}" if decision["ckpt"] else
+                  f"resuming {out}: it has no checkpoint yet, so it starts over from step 0", file=sys.stderr)
 
     ckpt_root = out / "checkpoints"
-    ckpt_meta = {"world_size": world, "ep_size": 1 if info is None else info.ep_size,
-                 "zero_stage": None if info is None else cfg.zero_stage}
-    start_step = 0
-    if cfg.resume:
-        ckpt = checkpoint.resolve_resume(ckpt_root, ckpt_meta)
-        if ckpt is not None:
-            state = checkpoint.load(ckpt)
-            stepper.load_state_dict(state)
-            scheduler.load_state_dict(state["scheduler"])
-            batches.load_state_dict(state["data"])
-            checkpoint.set_rng_state(state["rng"])
-            start_step = state["step"]
-        if is_main:
-            print(f"resuming from {ckpt} at step {start_step}" if ckpt else f"--resume: no checkpoint in {ckpt_root}, "
-                  "starting fresh", file=sys.stderr)
 
     def save(step: int) -> None:
         state = {**stepper.state_dict(), "scheduler": scheduler.state_dict(), "data": batches.state_dict(),
                  "rng": checkpoint.rng_state(), "step": step}
-        meta = {**ckpt_meta, "model_config": dataclasses.asdict(model_cfg)}
+        meta = {**ckpt_meta, "model_config": config["resolved_model"], "train_config": config}
         checkpoint.save(ckpt_root, step, state, meta, keep=cfg.keep_checkpoints)
 
     log = MetricsLog(out / "metrics.jsonl") if is_main else None
@@ -205,7 +255,7 @@ def run(cfg: TrainConfig) -> dict:
         first_val = val_loss = evaluate(stepper.model, val_batches, device, info)
         if log:
             log.write({"step": 0, "val_loss": first_val})
-    start, skipped_in_a_row = time.perf_counter(), 0
+    start, skipped_in_a_row, skipped_total = time.perf_counter(), 0, 0
     batches = iter(batches)
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not is_main,
                initial=start_step, total=cfg.steps)
@@ -222,13 +272,14 @@ def run(cfg: TrainConfig) -> dict:
             record["mfu"] = step_flops / seconds / (peak * world)
         if record.get("skipped"):
             skipped_in_a_row += 1
+            skipped_total += 1
             if is_main:
                 print(f"step {step}: non-finite loss or gradient (grad_norm {record['grad_norm']}); step skipped",
                       file=sys.stderr)
             if skipped_in_a_row > cfg.max_skipped_steps:
                 if log:
                     log.write(record)
-                raise RuntimeError(
+                raise TrainingFailed(
                     f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (max_skipped_steps = "
                     f"{cfg.max_skipped_steps}); stopping. The last good checkpoint is {checkpoint.latest(ckpt_root)}; "
                     "lower the lr or check the data before resuming"
@@ -243,18 +294,27 @@ def run(cfg: TrainConfig) -> dict:
             save(step)
         val_text = "-" if val_loss is None else f"{val_loss:.3f}"
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", val=val_text, tok_s=f"{record['tokens_per_s']:.0f}")
+    trained = cfg.steps - start_step
+    # A run whose last step was skipped ends without a checkpoint of it: that is not a finished run.
+    status = "failed" if skipped_in_a_row else "ok"
     summary = {
-        "params_total": counts["total"], "params_active": counts["active"], "vocab_size": model_cfg.vocab_size,
-        "steps": cfg.steps,
-        "tokens": tokens_per_step * cfg.steps, "first_val_loss": first_val, "final_val_loss": val_loss,
-        "wall_s": round(time.perf_counter() - start, 1), "device": str(device), "world_size": world,
-        "out_dir": str(out),
+        "status": status, "params_total": counts["total"], "params_active": counts["active"],
+        "vocab_size": model_cfg.vocab_size, "steps": cfg.steps, "start_step": start_step,
+        "skipped_steps": skipped_total, "tokens": tokens_per_step * cfg.steps, "first_val_loss": first_val,
+        "final_val_loss": val_loss, "wall_s": round(time.perf_counter() - start, 1), "device": str(device),
+        "world_size": world, "out_dir": str(out), "last_checkpoint": checkpoint.latest(ckpt_root),
     }
     if log:
         log.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.model.get('preset')} on {cfg.data.path or 'stdlib source'}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary), file=sys.stderr)
+    if status != "ok":
+        raise TrainingFailed(
+            f"the last {skipped_in_a_row} of {trained} step(s) had a non-finite loss or gradient and were skipped, "
+            f"so step {cfg.steps} was never trained or saved; the last good checkpoint is "
+            f"{checkpoint.latest(ckpt_root)}. Lower the lr or check the data, then resume with a larger --steps"
+        )
     return summary
 
 
@@ -264,6 +324,10 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    except checkpoint.CheckpointError as err:
+        sys.exit(f"checkpoint error: {err}")
+    except TrainingFailed as err:
+        sys.exit(f"training failed: {err}")
 
 
 if __name__ == "__main__":
