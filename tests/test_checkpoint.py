@@ -216,3 +216,29 @@ def test_no_source_file_unpickles():
                 if needle in text:
                     offenders.append(f"{path.relative_to(root)}: {needle}")
     assert offenders == []
+
+
+def test_export_writes_safetensors_and_never_replaces_a_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from launch.export import main as export_main
+    from moe.config import preset
+    from moe.model import Transformer
+
+    cfg = preset("tiny", tie_embeddings=True)
+    model = Transformer(cfg)
+    root = tmp_path / "checkpoints"
+    checkpoint.save(root, 2, {"model": model.state_dict(), "step": 2}, {"model_config": vars(cfg)}, keep=0)
+    target = tmp_path / "model.safetensors"
+    export_main([str(root), "--safetensors", str(target)])
+    again = Transformer(cfg)
+    again.load_state_dict(load_file(target))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    before = target.read_bytes()
+    with pytest.raises(SystemExit, match="already exists; nothing was written"):
+        export_main([str(root), "--safetensors", str(target)])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not an empty directory; nothing was written"):
+        export_main([str(root), "--hf-dir", str(tmp_path / "hf")])
+    assert target.read_bytes() == before and sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["notes.txt"]
