@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from launch import checkpoint
