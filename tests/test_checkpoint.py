@@ -242,3 +242,26 @@ def test_export_writes_safetensors_and_never_replaces_a_file(tmp_path):
     with pytest.raises(SystemExit, match="not an empty directory; nothing was written"):
         export_main([str(root), "--hf-dir", str(tmp_path / "hf")])
     assert target.read_bytes() == before and sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["notes.txt"]
+
+
+def test_export_gathers_experts_from_expert_parallel_ranks(tmp_path):
+    """Two EP ranks' files, each with half of every expert stack (rank p holds experts [p*E/2, (p+1)*E/2)),
+    consolidate into the one model they came from."""
+    from launch.export import consolidate
+    from moe.config import preset
+    from moe.model import Transformer
+
+    cfg = preset("tiny")
+    model = Transformer(cfg)
+    full = model.state_dict()
+    root, tmp = tmp_path / "checkpoints", tmp_path / "checkpoints" / "step_00000002.tmp"
+    tmp.mkdir(parents=True)
+    files = []
+    for rank in range(2):
+        shard = {k: (v.chunk(2)[rank] if ".experts." in k else v) for k, v in full.items()}
+        paths = [tmp / name for name in checkpoint._rank_files(rank)]
+        state_files.save({"model": shard, "step": 2}, *paths)
+        files += [{"file": p.name, "bytes": p.stat().st_size, "sha256": checkpoint._digest(p)} for p in paths]
+    checkpoint._publish(root, tmp, root / "step_00000002", 2, 2, {"ep_size": 2, "model_config": vars(cfg)}, files, 0)
+    got = consolidate(root / "step_00000002").state_dict()
+    assert any(".experts." in k for k in full) and all(torch.equal(got[k], full[k]) for k in full)
