@@ -5,19 +5,35 @@ Layout of a config file (every key optional):
     model: {preset: small, num_layers: 4}   # a preset from moe.config plus field overrides
     data: {path: ./my_corpus/, vocab_size: 8192}
     steps: 200
-    lr: 3.0e-3
+    lr: 1e-3
     optimizer: adamw
 
 Every top-level field is also a flag (`--steps 300`, `--micro-batch-size 8`); sections take dotted
 flags (`--model.num_layers 4`, `--data.vocab_size 8192`); `--model NAME` picks the preset and
-`--data PATH` the corpus. The resolved config is written to `<out_dir>/config.yaml` by the trainer.
+`--data PATH` the corpus. Values are read by YAML rules with two changes from PyYAML's YAML 1.1:
+floats follow YAML 1.2 (`1e-3`, `1E5`, `.5e-2` are numbers, not strings), and a key written twice
+in one table is an error, not last-wins. Every float must be finite.
+
+The resolved config is written to `<out_dir>/config.yaml` by the trainer, with `resolved_model`:
+the complete ModelConfig the run trained. That file is a valid `--config`. When a config has
+`resolved_model`, the model is built from it alone, every field, so a later change to a preset
+cannot change a saved run: `model.preset` is then only the run's label, a `model.FIELD` given
+beside it must equal `resolved_model.FIELD`, and `--model NAME` must name the file's own preset.
+The tokenizer's vocabulary must fit `resolved_model.vocab_size`. To build a new model from a
+saved run's settings, delete `resolved_model` from the file.
+
+`parse_overrides(argv)` returns only what a command gives (its file, then its flags), so a resume
+can tell the user's changes from the run's saved settings; `parse_args(argv)` fills in the
+defaults and validates. `from_dict(TrainConfig, values)` builds a config from a nested dict.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import time
 import tomllib
 import typing
@@ -27,13 +43,14 @@ from pathlib import Path
 import yaml
 
 from launch.data import DataConfig
-from moe.config import ConfigError, ModelConfig, check_field_types, from_dict, preset
+from moe.config import PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, from_dict, preset
 
+DEFAULT_PRESET = "small"
 
 @dataclass
 class TrainConfig:
     # Model: `preset` names a moe.config preset, every other key overrides one of its fields.
-    model: dict = field(default_factory=lambda: {"preset": "small"})
+    model: dict = field(default_factory=lambda: {"preset": DEFAULT_PRESET})
     data: DataConfig = field(default_factory=DataConfig)
     # Optimisation. `optimizer` is a name from optim's registry or a dotted torch.optim path.
     optimizer: str = "adamw"
@@ -64,49 +81,83 @@ class TrainConfig:
     ep_size: int = 1
     deepspeed_config: str | None = None  # a DeepSpeed JSON to start from; ours is written to out_dir
     dist_timeout_s: float = 600.0
+    # Every ModelConfig field of a saved run; when set, the model is exactly this (module docstring).
+    resolved_model: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.data, dict):
             self.data = from_dict(DataConfig, self.data, "data")
         check_field_types(self)
-        if "preset" in self.model and not isinstance(self.model["preset"], str):
-            raise ConfigError(f"model.preset = {self.model['preset']!r} must be a preset name")
-        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be > 0")
-        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be >= 0")
-        for name in ("checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be >= 0")
+        self._check_model()
+        self._check_optimizer_args()
+        for names, ok, valid in _RANGES:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be {valid}")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"TrainConfig.zero_stage = {self.zero_stage}; valid: 1, 2, 3")
-        if self.ep_size < 1:
-            raise ConfigError(f"TrainConfig.ep_size = {self.ep_size} must be >= 1")
-        if self.dist_timeout_s <= 0:
-            raise ConfigError(f"TrainConfig.dist_timeout_s = {self.dist_timeout_s} must be > 0")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume = true needs out_dir: the run directory to continue (--out-dir)")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"TrainConfig.min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"TrainConfig.device = {self.device!r}; valid: auto, cpu, cuda")
         self.model_config(vocab_size=None)  # fail now, not after the data is built
 
+    def _check_model(self) -> None:
+        hints = typing.get_type_hints(ModelConfig)
+        check_keys(self.model, {"preset", *hints}, "model")
+        if "preset" in self.model and not isinstance(self.model["preset"], str):
+            raise ConfigError(f"model.preset = {self.model['preset']!r} must be a preset name; valid: {', '.join(PRESETS)}")
+        overrides = {k: check_value(v, hints[k], f"model.{k}") for k, v in self.model.items() if k != "preset"}
+        if self.resolved_model is None:
+            self.model = {"preset": self.model.get("preset", DEFAULT_PRESET), **overrides}
+            return
+        check_keys(self.resolved_model, hints, "resolved_model")
+        missing = [name for name in hints if name not in self.resolved_model]
+        if missing:
+            raise ConfigError(
+                f"resolved_model lacks {', '.join(missing)}: it is the complete ModelConfig of a run, every field; "
+                "delete resolved_model to build the model from model.preset instead"
+            )
+        self.resolved_model = {k: check_value(self.resolved_model[k], hints[k], f"resolved_model.{k}") for k in hints}
+        for name, value in overrides.items():
+            if value != self.resolved_model[name]:
+                raise ConfigError(
+                    f"model.{name} = {value!r} contradicts resolved_model.{name} = {self.resolved_model[name]!r}; "
+                    f"a config with resolved_model trains exactly that model: drop model.{name}, or delete "
+                    "resolved_model to build the model from model.preset"
+                )
+        self.model = {**self.model, **overrides}
+
+    def _check_optimizer_args(self) -> None:
+        for key, value in self.optimizer_args.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ConfigError(f"optimizer_args key {key!r} is not a keyword-argument name")
+            if key in ("lr", "weight_decay"):
+                # optim.build gets lr and weight_decay from the top-level fields; twice would be a TypeError.
+                raise ConfigError(f"optimizer_args.{key} = {value!r}: set {key} as a top-level field ({_flag(key)})")
+            if not _all_finite(value):
+                valid = "a finite number" if isinstance(value, float) else "made of finite numbers"
+                raise ConfigError(f"optimizer_args.{key} = {value!r} must be {valid}")
+
     def model_config(self, vocab_size: int | None) -> ModelConfig:
         """The ModelConfig this run trains. vocab_size (the tokenizer's) fills the model's unless the
-        user set one explicitly, which must then be large enough."""
-        overrides = {k: v for k, v in self.model.items() if k != "preset"}
-        name = self.model.get("preset", "small")
-        if vocab_size is not None:
-            if "vocab_size" not in overrides:
-                overrides["vocab_size"] = vocab_size
-            elif overrides["vocab_size"] < vocab_size:
+        user set one explicitly (or resolved_model is set), which must then be large enough."""
+        if self.resolved_model is not None:
+            cfg = ModelConfig(**self.resolved_model)
+            if vocab_size is not None and cfg.vocab_size < vocab_size:
                 raise ConfigError(
-                    f"model.vocab_size = {overrides['vocab_size']} is smaller than the tokenizer's vocabulary ({vocab_size})"
+                    f"resolved_model.vocab_size = {cfg.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
                 )
-        cfg = preset(name, **overrides)
+        else:
+            overrides = {k: v for k, v in self.model.items() if k != "preset"}
+            if vocab_size is not None:
+                if "vocab_size" not in overrides:
+                    overrides["vocab_size"] = vocab_size
+                elif overrides["vocab_size"] < vocab_size:
+                    raise ConfigError(
+                        f"model.vocab_size = {overrides['vocab_size']} is smaller than the tokenizer's vocabulary ({vocab_size})"
+                    )
+            cfg = preset(self.model["preset"], **overrides)
         if self.seq_len > cfg.max_seq_len:
             raise ConfigError(f"seq_len = {self.seq_len} exceeds model.max_seq_len = {cfg.max_seq_len}")
         return cfg
@@ -115,55 +166,164 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# (fields, test, what is valid). Each test is written so that it fails for a NaN.
+_RANGES = [
+    (("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "dist_timeout_s"),
+     lambda v: v > 0, "> 0"),
+    (("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every", "keep_checkpoints", "max_skipped_steps"),
+     lambda v: v >= 0, ">= 0"),
+    (("ep_size",), lambda v: v >= 1, ">= 1"),
+    (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
+def _all_finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return True
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with floats by YAML 1.2 rules and duplicate keys refused.
+
+    YAML 1.1, which PyYAML implements, reads `1e-3` (no dot) as a string; YAML 1.2 and every user
+    read it as a number. `.inf` and `.nan` stay floats, so the finiteness check names them.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden; that is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: SafeConstructor reports it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}); each key may appear once",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    char: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for char, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        if mark is None or problem is None:
+            raise ConfigError(f"{where} is not valid YAML: {err}") from None
+        raise ConfigError(f"{where} is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}") from None
+    except (ValueError, RecursionError) as err:  # an int of more than 4300 digits; nesting deeper than Python's stack
+        raise ConfigError(f"{where} could not be read: {err}") from None
+
+
 def load_file(path: str) -> dict:
+    """The table a YAML or TOML config file holds (an empty file: {}); ConfigError for anything else."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path!r} is a directory; give a .yaml, .yml or .toml file")
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(text) or {}
-    elif p.suffix == ".toml":
-        values = tomllib.loads(text)
-    else:
+    if p.suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"config file {path!r}: unsupported extension {p.suffix!r}; use .yaml, .yml or .toml")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} could not be read: {err.strerror}") from None
+    if p.suffix == ".toml":
+        try:
+            values = tomllib.loads(text)
+        except (ValueError, RecursionError) as err:  # TOMLDecodeError is a ValueError
+            raise ConfigError(f"config file {path!r} is not valid TOML: {err}") from None
+    else:
+        values = _yaml(text, f"config file {path!r}")
+    if values is None:  # empty, or only comments
+        return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path!r} must hold a table of fields, got {type(values).__name__}")
     return values
 
 
+def _file_values(path: str) -> dict:
+    """The config file's fields, its sections checked to be tables of known keys."""
+    values = load_file(path)
+    where = f"config file {path!r}"
+    check_keys(values, {f.name for f in fields(TrainConfig)}, where)
+    for name, cls in (("model", ModelConfig), ("data", DataConfig), ("resolved_model", ModelConfig)):
+        if values.get(name, {}) is None and name != "resolved_model":
+            values[name] = {}  # `model:` with nothing under it
+        section = values.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"section {name} of {where} must be a table of fields, got {section!r}")
+        known = {f.name for f in fields(cls)} | ({"preset"} if name == "model" else set())
+        check_keys(section, known, f"section {name} of {where}")
+    return values
+
+
 def _parse_value(text: str, hint, where: str):
     """Turn a flag's string into the annotated type: YAML rules, so `1e-3`, `true`, `null`, `[1, 2]` work."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    if hint is str or hint == (str | None):
-        return text if value is not None or text.lower() not in ("null", "none", "~") else None
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if value is None and text.lower() not in ("null", "none", "~"):
-        raise ConfigError(f"{where}: could not read {text!r}")
-    return value
+    if hint is str or hint == (str | None):  # taken verbatim, so a path or name is never reinterpreted
+        return None if text in ("null", "~") else text
+    value = _yaml(text, f"{where} {text!r}")
+    if value is None and text.strip() not in ("null", "Null", "NULL", "~"):
+        raise ConfigError(f"{where}: could not read {text!r}; expected {_type_label(hint).lower()}")
+    return check_value(value, hint, where)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit 2; a bad flag is a config error like any other
+        raise ConfigError(f"{message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python -m launch.train",
         description="Train a Kimi-K2-style MoE. With no arguments: the `small` preset on the Python "
         "standard library's source, on CPU in a few minutes.",
     )
-    parser.add_argument("--config", help="YAML or TOML file with fields of TrainConfig")
+    parser.add_argument("--config", help="YAML or TOML file with fields of TrainConfig (a run's config.yaml works)")
     parser.add_argument("--model", dest="model_preset", help="model preset (tiny, small, k2-2b, kimi-k2)")
     parser.add_argument("--data", dest="data_path", help="text/JSONL/Parquet file, glob, directory or datasets name")
     # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        if f.name in ("model", "data"):
+        if f.name in ("model", "data", "resolved_model"):  # sections: dotted flags; resolved_model: files only
             continue
         # A bare boolean flag means true (`--resume`); `--resume false` still works.
         flag_bool = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
@@ -177,59 +337,67 @@ def _type_label(hint) -> str:
     return getattr(hint, "__name__", str(hint)).upper()
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults <- --config file <- flags. Unknown keys and wrong types raise ConfigError."""
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    values = load_file(args.config) if args.config else {}
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} in {args.config}; valid keys: {', '.join(f.name for f in fields(TrainConfig))}"
-        )
-    values.setdefault("model", {"preset": "small"})
-    values["model"] = dict(values["model"])
-    data = dict(values.get("data") or {})
+def parse_overrides(argv: list[str] | None = None) -> dict:
+    """What the command gives explicitly: the --config file's fields, then the flags over them.
+
+    A nested dict of TrainConfig fields, e.g. {"lr": 1e-05, "model": {"num_layers": 4}, "data": {...}};
+    a field neither the file nor a flag names is absent. Flags are parsed to their field's type;
+    unknown keys, unreadable files and malformed flags raise ConfigError. Ranges and consistency
+    are TrainConfig's to check.
+    """
+    args, rest = build_parser().parse_known_args(argv)
+    values = _file_values(args.config) if args.config else {}
     hints = typing.get_type_hints(TrainConfig)
-    for name, value in vars(args).items():
+    for name, text in vars(args).items():
         if name in hints:
-            values[name] = _parse_value(value, hints[name], _flag(name))
-    if args.model_preset:
-        values["model"]["preset"] = args.model_preset
-    if args.data_path:
-        data["path"] = args.data_path
-    _apply_section_flags(rest, values["model"], data, parser)
-    values["data"] = data
-    return TrainConfig(**values)
+            values[name] = _parse_value(text, hints[name], _flag(name))
+    flags = {"model": {}, "data": {}}
+    if args.model_preset is not None:
+        flags["model"]["preset"] = args.model_preset
+    if args.data_path is not None:
+        flags["data"]["path"] = args.data_path
+    _section_flags(rest, flags)
+    file_preset = values.get("model", {}).get("preset")
+    if values.get("resolved_model") is not None and flags["model"].get("preset", file_preset) != file_preset:
+        raise ConfigError(
+            f"--model {flags['model']['preset']}: {args.config} has resolved_model, the fixed model of a run of "
+            f"preset {file_preset!r}; delete resolved_model from the file to build another preset"
+        )
+    for section, given in flags.items():
+        if given:
+            values[section] = {**values.get(section, {}), **given}
+    return values
 
 
-def _apply_section_flags(rest: list[str], model: dict, data: dict, parser) -> None:
-    model_hints = typing.get_type_hints(ModelConfig)
-    data_hints = typing.get_type_hints(DataConfig)
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults <- --config file <- flags. Unknown keys, wrong types and bad values raise ConfigError."""
+    return from_dict(TrainConfig, parse_overrides(argv))
+
+
+def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:
+    """`--model.FIELD VALUE` / `--data.FIELD=VALUE` from argparse's leftovers into flags[section]."""
+    hints = {"model": typing.get_type_hints(ModelConfig), "data": typing.get_type_hints(DataConfig)}
     i = 0
     while i < len(rest):
         token = rest[i]
-        if "=" in token:
-            key, value = token.split("=", 1)
+        key, eq, text = token.partition("=")
+        section, dot, name = key[2:].partition(".") if key.startswith("--") else ("", "", "")
+        if section not in hints or not dot:
+            raise ConfigError(f"unrecognized argument {token!r}; see --help")
+        if not eq:
+            if i + 1 == len(rest):
+                raise ConfigError(f"{key} needs a value: {key} VALUE or {key}=VALUE")
             i += 1
-        elif i + 1 < len(rest):
-            key, value = token, rest[i + 1]
-            i += 2
-        else:
-            parser.error(f"unrecognized argument: {token}")
-        section, _, name = key.lstrip("-").partition(".")
+            text = rest[i]
+        i += 1
         name = name.replace("-", "_")
-        if section == "model" and name in model_hints:
-            model[name] = _parse_value(value, model_hints[name], key)
-        elif section == "data" and name in data_hints:
-            data[name] = _parse_value(value, data_hints[name], key)
-        elif section in ("model", "data"):
-            valid = model_hints if section == "model" else data_hints
-            raise ConfigError(f"unknown flag {key}: {section} has no field {name!r}; valid: {', '.join(sorted(valid))}")
-        else:
-            parser.error(f"unrecognized argument: {token}")
+        if name not in hints[section]:
+            raise ConfigError(
+                f"unknown flag {key}: {section} has no field {name!r}; valid: {', '.join(sorted(hints[section]))}"
+            )
+        flags[section][name] = _parse_value(text, hints[section][name], key)
 
 
 def default_out_dir(cfg: TrainConfig) -> str:
     root = os.environ.get("KIMI_MOE_RUNS", "runs")
-    return os.path.join(root, f"{cfg.model.get('preset', 'small')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return os.path.join(root, f"{cfg.model.get('preset', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}")

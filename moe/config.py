@@ -7,6 +7,8 @@ Field names follow the DeepSeek-V3 / Kimi K2 Hugging Face config where one exist
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, fields
 
@@ -16,24 +18,56 @@ class ConfigError(ValueError):
 
 
 def check_field_types(obj) -> None:
-    """Reject values whose type does not match the dataclass annotation.
+    """Reject values whose type does not match the dataclass annotation; store float fields as floats.
 
     Runs before any other validation so a string where an int belongs fails with a message
-    about that field, not with a TypeError deep inside a comparison.
+    about that field, not with a TypeError deep inside a comparison. Float fields must also be
+    finite, so a NaN cannot slip past a range check (it compares false with everything).
     """
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
-        value = getattr(obj, f.name)
-        if not _matches(value, hints[f.name]):
-            raise ConfigError(
-                f"{type(obj).__name__}.{f.name} = {value!r} has type {type(value).__name__}; "
-                f"expected {_type_name(hints[f.name])}"
-            )
+        setattr(obj, f.name, check_value(getattr(obj, f.name), hints[f.name], f"{type(obj).__name__}.{f.name}"))
+
+
+def check_value(value, hint, where: str):
+    """`value` as the type `hint` annotates, or ConfigError naming `where`, the value and the type.
+
+    A float field takes an int (lr: 1 means 1.0) and a string that `float()` reads (a quoted
+    "1e-3", or TOML's strings), and must come out finite; an int field must fit in 64 bits.
+    """
+    if _accepts(hint, float) and not _accepts(hint, int) and not isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass  # reported below as a wrong type
+        elif isinstance(value, int):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(f"{where} = {value} must be a finite number") from None
+    if not _matches(value, hint):
+        raise ConfigError(
+            f"{where} = {value!r} has type {type(value).__name__}; expected {_type_name(hint)}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value!r} must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{where} = {value} does not fit in a 64-bit integer; valid: [-2**63, 2**63)")
+    return value
+
+
+def _accepts(hint, kind) -> bool:
+    return hint is kind or (_is_union(hint) and kind in typing.get_args(hint))
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def _matches(value, hint) -> bool:
     origin = typing.get_origin(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if _is_union(hint):
         return any(_matches(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
@@ -64,13 +98,15 @@ def from_dict(cls, values: dict, where: str = ""):
     """Build dataclass `cls` from a plain dict (a YAML/TOML table), rejecting unknown keys."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where or cls.__name__} must be a table of fields, got {values!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} in {where or cls.__name__}; valid keys: {', '.join(sorted(known))}"
-        )
+    check_keys(values, {f.name for f in fields(cls)}, where or cls.__name__)
     return cls(**values)
+
+
+def check_keys(values: dict, known, where: str) -> None:
+    """ConfigError naming the first key of `values` not in `known`, and the valid ones."""
+    unknown = sorted(set(values) - set(known), key=str)  # key=str: a YAML key may be 1 or null
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -128,28 +164,29 @@ class ModelConfig:
             "num_experts", "num_experts_per_tok", "max_seq_len",
         ]
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)} must be > 0")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+        if self.q_lora_rank is not None and not self.q_lora_rank > 0:
             raise ConfigError(f"ModelConfig.q_lora_rank = {self.q_lora_rank} must be > 0 or None")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"ModelConfig.qk_rope_head_dim = {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
-        if self.num_experts_per_tok > self.num_experts:
+        if not self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(
                 f"ModelConfig.num_experts_per_tok = {self.num_experts_per_tok} exceeds "
                 f"num_experts = {self.num_experts}; top-k needs k <= E"
             )
         if not 0 <= self.first_k_dense <= self.num_layers:
             raise ConfigError(f"ModelConfig.first_k_dense = {self.first_k_dense} must be in [0, num_layers={self.num_layers}]")
-        if self.num_shared_experts < 0:
+        if not self.num_shared_experts >= 0:
             raise ConfigError(f"ModelConfig.num_shared_experts = {self.num_shared_experts} must be >= 0")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ConfigError(f"ModelConfig.score_func = {self.score_func!r}; valid: 'sigmoid', 'softmax'")
         for name in ("bias_update_speed", "seq_aux_loss_coef", "rms_norm_eps", "init_std"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)} must be >= 0")
-        if self.routed_scaling_factor <= 0 or self.rope_theta <= 0:
-            raise ConfigError("ModelConfig.routed_scaling_factor and rope_theta must be > 0")
+        for name in ("routed_scaling_factor", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)} must be > 0")
 
     @property
     def qk_head_dim(self) -> int:
@@ -202,8 +239,6 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
     base = dataclasses.asdict(PRESETS[name]())
-    unknown = sorted(set(overrides) - set(base))
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in model overrides; valid keys: {', '.join(sorted(base))}")
+    check_keys(overrides, base, "model overrides")
     base.update(overrides)
     return ModelConfig(**base)

@@ -1,5 +1,7 @@
 """ModelConfig: bad input stops with a message naming the field and the value; presets construct."""
 
+import typing
+
 import pytest
 import torch
 
@@ -37,6 +39,40 @@ def test_an_int_is_a_fine_float():
     assert from_dict(ModelConfig, {"routed_scaling_factor": 2}).routed_scaling_factor == 2
 
 
+FLOAT_FIELDS = [name for name, hint in typing.get_type_hints(ModelConfig).items() if hint is float]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", 10**400])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_field_must_be_finite(name, value):
+    # NaN compares false with everything, so a `x < 0` range check alone would let it through.
+    with pytest.raises(ConfigError, match=rf"ModelConfig.{name} = .* must be a finite number"):
+        ModelConfig(**{name: value})
+
+
+def test_a_string_that_reads_as_a_float_is_that_float():
+    cfg = ModelConfig(rope_theta="5e4", rms_norm_eps=" 1e-5 ")
+    assert (cfg.rope_theta, cfg.rms_norm_eps) == (50000.0, 1e-5)
+    assert type(ModelConfig(routed_scaling_factor=2).routed_scaling_factor) is float
+    with pytest.raises(ConfigError, match=r"ModelConfig.rope_theta = 'big' has type str; expected float"):
+        ModelConfig(rope_theta="big")
+    with pytest.raises(ConfigError, match=r"ModelConfig.num_layers = '2' has type str; expected int"):
+        ModelConfig(num_layers="2")  # only float fields read strings
+
+
+def test_an_int_beyond_64_bits_is_named():
+    with pytest.raises(ConfigError, match=r"ModelConfig.vocab_size = 9223372036854775808 does not fit in a 64-bit integer"):
+        ModelConfig(vocab_size=2**63)
+
+
+def test_unknown_keys_that_are_not_strings_are_named():
+    # A YAML table may have int or null keys; sorting them with str keys used to raise TypeError.
+    with pytest.raises(ConfigError, match=r"unknown key 1 in ModelConfig"):
+        from_dict(ModelConfig, {1: 2, "hidden_sise": 3})
+    with pytest.raises(ConfigError, match=r"unknown key None in ModelConfig"):
+        from_dict(ModelConfig, {None: 2, "hidden_sise": 3})
+
+
 def test_top_k_larger_than_the_expert_count():
     with pytest.raises(ConfigError, match=r"num_experts_per_tok = 9 exceeds num_experts = 8"):
         ModelConfig(num_experts=8, num_experts_per_tok=9)
@@ -67,6 +103,9 @@ def test_odd_rope_dim():
         ("num_shared_experts", -1, r"num_shared_experts = -1 must be >= 0"),
         ("score_func", "relu", r"score_func = 'relu'; valid: 'sigmoid', 'softmax'"),
         ("q_lora_rank", 0, r"q_lora_rank = 0 must be > 0 or None"),
+        ("rope_theta", 0.0, r"ModelConfig.rope_theta = 0.0 must be > 0"),
+        ("routed_scaling_factor", -1, r"ModelConfig.routed_scaling_factor = -1.0 must be > 0"),
+        ("init_std", -0.1, r"ModelConfig.init_std = -0.1 must be >= 0"),
     ],
 )
 def test_out_of_range_values_are_named(field, value, message):
