@@ -1,7 +1,8 @@
 """Multi-head latent attention (MLA), DeepSeek-V2 §2.1, as used by DeepSeek-V3 and Kimi K2.
 
 Shape legend: B batch, T sequence, D hidden, H heads, N no-RoPE head dim (qk_nope_head_dim),
-R RoPE head dim (qk_rope_head_dim), Vh value head dim, Lq / Lkv the query / key-value LoRA ranks.
+R RoPE head dim (qk_rope_head_dim), Vh value head dim, Lq / Lkv the query / key-value LoRA ranks;
+when decoding with a cache (moe/cache.py), S cached positions and C = Lkv + R numbers per position.
 
 Keys and values are reconstructed from a small latent (Lkv) plus one RoPE key of R dims shared by
 all heads ("decoupled RoPE"). Parameter names follow the Hugging Face DeepseekV3 port so checkpoints
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.cache import LayerCache
 from moe.config import ModelConfig
 from moe.layers import RMSNorm, apply_rope
 
@@ -58,7 +60,10 @@ class MLA(nn.Module):
     def reset_max_logits(self) -> None:
         self.max_logits_H.fill_(float("-inf"))
 
-    def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is not None:
+            return self.forward_cached(x_BTD, cos_TR, sin_TR, cache)
         B, T, _ = x_BTD.shape
         q_BHTQ, k_BHTQ, v_BHTV = self.qkv(x_BTD, cos_TR, sin_TR)
         if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
@@ -68,27 +73,79 @@ class MLA(nn.Module):
         out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
-    def qkv(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor):
-        """Per-head queries and keys [B, H, T, N+R] (no-RoPE part first) and values [B, H, T, Vh]."""
+    def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q_nope [B, H, T, N], q_rope [B, H, T, R], the normed KV latent c_KV [B, T, Lkv] and the
+        shared key k_rope [B, 1, T, R]; RoPE applied to both rope parts. cos/sin are [T, R/2], or
+        [B, 1, T, R/2] when every sequence has its own positions."""
         B, T, _ = x_BTD.shape
         H, N, R = self.num_heads, self.nope_dim, self.rope_dim
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BHTQ = q.view(B, T, H, N + R).transpose(1, 2)
-        q_nope, q_rope = q_BHTQ.split([N, R], dim=-1)
+        q_nope_BHTN, q_rope_BHTR = q.view(B, T, H, N + R).transpose(1, 2).split([N, R], dim=-1)
+        latent_BTL, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, R], dim=-1)
+        q_rope_BHTR = apply_rope(q_rope_BHTR, cos, sin)
+        k_rope_B1TR = apply_rope(k_rope_BTR.unsqueeze(1), cos, sin)
+        return q_nope_BHTN, q_rope_BHTR, self.kv_a_layernorm(latent_BTL), k_rope_B1TR
 
-        kv_a = self.kv_a_proj_with_mqa(x_BTD)
-        latent_BTL, k_rope_BTR = kv_a.split([self.kv_lora_rank, R], dim=-1)
-        kv_BHTX = self.kv_b_proj(self.kv_a_layernorm(latent_BTL)).view(B, T, H, N + self.v_dim).transpose(1, 2)
-        k_nope, v_BHTV = kv_BHTX.split([N, self.v_dim], dim=-1)
-
-        q_rope = apply_rope(q_rope, cos_TR, sin_TR)
-        k_rope_B1TR = apply_rope(k_rope_BTR.unsqueeze(1), cos_TR, sin_TR)
-        q_BHTQ = torch.cat([q_nope, q_rope], dim=-1)
-        k_BHTQ = torch.cat([k_nope, k_rope_B1TR.expand(B, H, T, R)], dim=-1)
+    def qkv(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor):
+        """Per-head queries and keys [B, H, T, N+R] (no-RoPE part first) and values [B, H, T, Vh]."""
+        B, T, _ = x_BTD.shape
+        q_nope_BHTN, q_rope_BHTR, latent_BTL, k_rope_B1TR = self.project(x_BTD, cos_TR, sin_TR)
+        k_nope_BHTN, v_BHTV = self.up_project(latent_BTL)
+        q_BHTQ = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
+        k_BHTQ = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, self.num_heads, T, self.rope_dim)], dim=-1)
         return q_BHTQ, k_BHTQ, v_BHTV
+
+    def up_project(self, latent_BSL: torch.Tensor):
+        """Per-head no-RoPE keys [B, H, S, N] and values [B, H, S, Vh] of latents [B, S, Lkv]."""
+        B, S, _ = latent_BSL.shape
+        kv_BHSX = self.kv_b_proj(latent_BSL).view(B, S, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        return kv_BHSX.split([self.nope_dim, self.v_dim], dim=-1)
+
+    def forward_cached(self, x_BTD: torch.Tensor, cos_B1TR: torch.Tensor, sin_B1TR: torch.Tensor,
+                       cache: LayerCache) -> torch.Tensor:
+        """Attention of T new tokens per sequence over that sequence's cache, which it first extends.
+
+        Only c_KV and the RoPE key are cached (DeepSeek-V2 §2.1.2-2.1.3). `cache.absorbed` chooses
+        how the per-head keys and values are formed from them; both give the same numbers.
+        """
+        B, T, _ = x_BTD.shape
+        q_nope_BHTN, q_rope_BHTR, latent_BTL, k_rope_B1TR = self.project(x_BTD, cos_B1TR, sin_B1TR)
+        kv_BSC = cache.write(torch.cat([latent_BTL, k_rope_B1TR.squeeze(1)], dim=-1))
+        attend = self._attend_absorbed if cache.absorbed else self._attend_per_head
+        out_BHTV = attend(q_nope_BHTN, q_rope_BHTR, kv_BSC, cache.visible_B1TS)
+        return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+
+    def _attend_per_head(self, q_nope_BHTN, q_rope_BHTR, kv_BSC, visible_B1TS):
+        """The reference: up-project every cached latent to per-head K and V, then plain attention."""
+        B, S, _ = kv_BSC.shape
+        latent_BSL, k_rope_BSR = kv_BSC.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope_BHSN, v_BHSV = self.up_project(latent_BSL)
+        q_BHTQ = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
+        k_BHSQ = torch.cat([k_nope_BHSN, k_rope_BSR.unsqueeze(1).expand(B, self.num_heads, S, self.rope_dim)], dim=-1)
+        return F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, attn_mask=visible_B1TS, scale=self.scale)
+
+    def _attend_absorbed(self, q_nope_BHTN, q_rope_BHTR, kv_BSC, visible_B1TS):
+        """Attention in latent space (DeepSeek-V2 §2.1.2, "absorb W^UK into W^Q, W^UV into W^O").
+
+        k_nope = W_UK c, so q_nope . k_nope = (W_UK^T q_nope) . c: each head's query is mapped into
+        the latent once and scored against the cache as it is, as one shared key of Lkv + R dims
+        (multi-query attention). Likewise sum_s p_s W_UV c_s = W_UV (sum_s p_s c_s): the latents are
+        averaged first and W_UV applied once per query, so no cached token is ever up-projected.
+        """
+        B, H, T, _ = q_nope_BHTN.shape
+        S, L = kv_BSC.shape[1], self.kv_lora_rank
+        w_uk_HNL, w_uv_HVL = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, L).split(
+            [self.nope_dim, self.v_dim], dim=1)
+        q_BHTC = torch.cat([torch.matmul(q_nope_BHTN, w_uk_HNL), q_rope_BHTR], dim=-1)
+        # One key per token for all heads: heads and queries fold into one matmul dimension.
+        scores_BHTS = torch.bmm(q_BHTC.reshape(B, H * T, -1), kv_BSC.transpose(1, 2)).view(B, H, T, S)
+        scores_BHTS = (scores_BHTS * self.scale).masked_fill(~visible_B1TS, float("-inf"))
+        p_BHTS = scores_BHTS.float().softmax(dim=-1).to(kv_BSC.dtype)
+        o_BHTL = torch.bmm(p_BHTS.view(B, H * T, S), kv_BSC[..., :L]).view(B, H, T, L)
+        return torch.matmul(o_BHTL, w_uv_HVL.transpose(1, 2))
 
     @torch.no_grad()
     def head_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> torch.Tensor:
