@@ -370,8 +370,35 @@ def parse_overrides(argv: list[str] | None = None) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults <- --config file <- flags. Unknown keys, wrong types and bad values raise ConfigError."""
-    return from_dict(TrainConfig, parse_overrides(argv))
+    """Defaults <- --config file <- flags. Unknown keys, wrong types and bad values raise ConfigError.
+
+    With --resume and an --out-dir that holds a run of ours, the run's saved config.yaml takes the
+    defaults' place: `--resume --out-dir RUN` alone continues RUN as it was configured, and what
+    the command gives on top is what it changes (which the trainer then accepts or refuses,
+    launch/resume.py)."""
+    given = parse_overrides(argv)
+    base = saved_run_config(given["out_dir"]) if given.get("resume") and given.get("out_dir") else None
+    if base is None:
+        return from_dict(TrainConfig, given)
+    merged = {**base, **given}
+    for section in ("model", "data"):
+        merged[section] = {**base.get(section, {}), **given.get(section, {})}
+    if set(given.get("model", {})) - {"preset"}:
+        # A model field given on a resume: build what the command asks for, so that the trainer's
+        # comparison with the checkpoint refuses it in the same words as any other change.
+        merged.pop("resolved_model", None)
+    return from_dict(TrainConfig, merged)
+
+
+def saved_run_config(out_dir: str) -> dict | None:
+    """The config.yaml of the run in `out_dir`, or None if `out_dir` holds no run of ours (then the
+    trainer decides: a new run there, or a refusal)."""
+    from launch import run_dir  # run_dir reads config files through this module
+
+    out = Path(out_dir).expanduser()
+    if not run_dir.is_ours(out) or not (out / "config.yaml").is_file():
+        return None
+    return _file_values(str(out / "config.yaml"))
 
 
 def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:
