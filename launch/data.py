@@ -20,7 +20,7 @@ Documents are joined with the end-of-document token and cut into windows of T + 
 stride T, so every token after the first is a target exactly once.
 
 Caches, all under `cache_dir` (default $KIMI_MOE_CACHE, else ~/.cache/kimi-moe):
-    tokenizers/bpe-<vocab>-<corpus>.json     the trained BPE
+    tokenizers/bpe-f2-<vocab>-<corpus>.json  the trained BPE (with the chat special tokens)
     tokens/<corpus>-<tokenizer>-<split>.arrow  token ids of each split (the map's cache file)
     datasets/                                 `datasets`' own cache of the user's files
 Keys are fingerprints of the documents and of the tokenizer, so a changed corpus or vocab_size
@@ -74,7 +74,7 @@ class DataConfig:
         if self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
             raise ConfigError(
                 f"data.vocab_size = {self.vocab_size} is too small for a byte-level BPE; "
-                f"need >= {MIN_BPE_VOCAB} (256 bytes + end-of-document)"
+                f"need >= {MIN_BPE_VOCAB} (256 bytes + end-of-document + the chat special tokens)"
             )
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction = {self.val_fraction} must be in (0, 1)")

@@ -8,8 +8,14 @@ Both expose the same small surface, which is all `launch/data.py` and the traine
 `encode` never adds the end-of-document token; the data pipeline appends `eod_id` after each
 document. Every id is < `vocab_size`.
 
-The BPE is cached as `<cache_dir>/tokenizers/bpe-<vocab>-<corpus fingerprint>.json`, so a second
-run on the same corpus loads the file instead of training again (`load_or_train_bpe`).
+Special tokens: the BPE carries `SPECIALS`, end-of-document first (id 0) and then the chat format's
+role and tool-call delimiters (ids 1..8, see posttrain/chat.py), so one trained tokenizer serves
+pretraining and chat. Only code places them: `encode` reads every string as text, so a document or
+a user message holding "<|im_end|>" gets ordinary tokens, never the id that closes a turn. The bytes
+tokenizer has only eod (256) and no chat tokens: it is for tests and tiny pretraining runs.
+
+The BPE is cached as `<cache_dir>/tokenizers/bpe-f<format>-<vocab>-<corpus fingerprint>.json`, so a
+second run on the same corpus loads the file instead of training again (`load_or_train_bpe`).
 """
 
 from __future__ import annotations
@@ -22,8 +28,20 @@ from collections.abc import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOD = "<|eod|>"
-# 256 byte symbols plus the end-of-document token: below this a byte-level BPE cannot exist.
-MIN_BPE_VOCAB = 257
+# Turn and tool-call delimiters of the chat format (posttrain/chat.py writes the layout). Their ids
+# follow eod in this order; appending keeps existing ids, anything else is a new FORMAT.
+CHAT_TOKENS = (
+    "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_tool|>",  # open a turn of that role
+    "<|im_middle|>",  # ends a header: the tool name of a call or result, "tools" of the declaration
+    "<|im_end|>",  # closes every turn
+    "<|tool_call_begin|>", "<|tool_call_end|>",  # around one call: name <|im_middle|> JSON arguments
+)
+SPECIALS = (EOD, *CHAT_TOKENS)
+# Bump when what a trained BPE holds changes (FORMAT 2: the chat tokens), so an old cached file is
+# not read as a new one.
+FORMAT = 2
+# 256 byte symbols plus the special tokens: below this a byte-level BPE cannot exist.
+MIN_BPE_VOCAB = 256 + len(SPECIALS)
 
 
 class BytesTokenizer:
@@ -32,6 +50,7 @@ class BytesTokenizer:
     vocab_size = 257
     eod_id = 256
     fingerprint = "bytes"
+    special_ids = {EOD: 256}  # no chat tokens: ids 257.. would change every byte model's vocabulary
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -43,18 +62,45 @@ class BytesTokenizer:
         # The eod id is not a byte; drop it the way the BPE's decode skips its special token.
         return bytes(i for i in ids if i != self.eod_id).decode("utf-8", errors="replace")
 
+    def to_tokenizers(self) -> Tokenizer:
+        """The same ids as a `tokenizers.Tokenizer`, for files others read (run directory, HF export):
+        a byte-level BPE without merges maps each byte to the symbol whose id is that byte."""
+        symbols = {s: b for b, s in _byte_symbols().items()}
+        tok = Tokenizer(models.BPE(vocab=symbols, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([EOD])
+        return tok
+
+
+def _byte_symbols() -> dict[int, str]:
+    """Byte -> the character the ByteLevel pre-tokenizer writes for it: GPT-2's `bytes_to_unicode`
+    (openai/gpt-2 src/encoder.py), printable Latin-1 as itself, the other bytes in order from U+0100."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    moved = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(moved)) for b in range(256)}
+
 
 class BPETokenizer:
-    """A `tokenizers.Tokenizer` (byte-level BPE, eod as its only special token) behind the shared surface."""
+    """A `tokenizers.Tokenizer` (byte-level BPE with `SPECIALS`) behind the shared surface.
+
+    A BPE of FORMAT 1 (eod only) still loads and pretrains; `special_ids` then lacks the chat tokens
+    and posttrain/chat.py refuses it by name.
+    """
 
     def __init__(self, tok: Tokenizer):
-        self._tok = tok
         eod = tok.token_to_id(EOD)
         if eod is None:
             raise ValueError(f"tokenizer has no {EOD!r} special token; it was not made by train_bpe")
         self.eod_id = eod
+        self.special_ids = {t: tok.token_to_id(t) for t in SPECIALS if tok.token_to_id(t) is not None}
         self.vocab_size = tok.get_vocab_size()
         self.fingerprint = "bpe-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+        # The library matches added tokens inside any text it encodes, add_special_tokens=False or
+        # not; this switch makes it read them as characters. It is not saved with the file, so
+        # Hugging Face, given the exported tokenizer.json, still finds them in a rendered template.
+        tok.encode_special_tokens = True
+        self._tok = tok
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -67,18 +113,28 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
+    def to_tokenizers(self) -> Tokenizer:
+        """A copy of the underlying `tokenizers.Tokenizer` as saved: it matches special tokens in text."""
+        return Tokenizer.from_str(self._tok.to_str())
+
     def save(self, path: str) -> None:
-        """Write atomically, so a reader (another rank, a crashed run) never sees half a file."""
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        self._tok.save(tmp)
-        os.replace(tmp, path)
+        save_tokenizer_file(self._tok, path)
 
     @classmethod
     def load(cls, path: str) -> BPETokenizer:
         return cls(Tokenizer.from_file(path))
+
+
+def save_tokenizer_file(tok: Tokenizer, path: str) -> None:
+    """Write atomically, so a reader (another rank, a crashed run) never sees half a file; mode 0644
+    (mkstemp makes 0600), so the people who share a run directory can read which tokenizer it used."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    tok.save(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def train_bpe(texts: Iterator[list[str]], vocab_size: int, length: int | None = None) -> BPETokenizer:
@@ -89,13 +145,13 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int, length: int | None = 
     `vocab_size`; the tokenizer's own `vocab_size` is then smaller, and that is the one to use.
     """
     if vocab_size < MIN_BPE_VOCAB:
-        raise ValueError(f"vocab_size = {vocab_size} is below {MIN_BPE_VOCAB} (256 bytes + eod)")
+        raise ValueError(f"vocab_size = {vocab_size} is below {MIN_BPE_VOCAB} (256 bytes + {len(SPECIALS)} special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOD],
+        special_tokens=list(SPECIALS),  # ids 0.. in this order, counted in vocab_size
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -104,7 +160,7 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int, length: int | None = 
 
 
 def bpe_cache_path(cache_dir: str, vocab_size: int, corpus_fingerprint: str) -> str:
-    return os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{corpus_fingerprint}.json")
+    return os.path.join(cache_dir, "tokenizers", f"bpe-f{FORMAT}-{vocab_size}-{corpus_fingerprint}.json")
 
 
 def load_or_train_bpe(
@@ -120,3 +176,11 @@ def load_or_train_bpe(
     tok = train_bpe(texts, vocab_size, length)
     tok.save(path)
     return tok, False
+
+
+def save_run_tokenizer(tokenizer: BPETokenizer | BytesTokenizer, run_dir: str) -> str:
+    """Write `<run_dir>/tokenizer.json` (readable by all, unlike the cache's files were): the run then
+    says which tokenizer its token ids mean, whatever happens to the cache. Returns the path."""
+    path = os.path.join(run_dir, "tokenizer.json")
+    save_tokenizer_file(tokenizer.to_tokenizers(), path)
+    return path

@@ -282,7 +282,7 @@ def test_dataset_name_from_the_local_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"vocab_size": 100}, r"data.vocab_size = 100 is too small .* need >= 257"),
+        ({"vocab_size": 100}, r"data.vocab_size = 100 is too small .* need >= 265"),
         ({"vocab_size": "big"}, r"DataConfig.vocab_size = 'big' has type str; expected int"),
         ({"tokenizer": "sentencepiece"}, r"data.tokenizer = 'sentencepiece'; valid: 'bpe', 'bytes'"),
         ({"val_fraction": 1.0}, r"data.val_fraction = 1.0 must be in \(0, 1\)"),
