@@ -53,6 +53,25 @@ def consolidate(ckpt: Path) -> Transformer:
     return model
 
 
+def export_with_tokenizer(model: Transformer, ckpt: Path, hf_dir: str) -> None:
+    """The Hugging Face model, plus the run's tokenizer (and the special-token ids and generation
+    config it implies) when the run kept one: then `AutoTokenizer` loads the directory too."""
+    from moe.hf import export_hf
+
+    saved = ckpt.parent.parent / "tokenizer.json"  # <run>/checkpoints/step_N -> <run>/tokenizer.json
+    if not saved.is_file():
+        print(f"export: {saved} does not exist (a run from before tokenizers were kept with the run); "
+              "writing the model without a tokenizer", file=sys.stderr)
+        export_hf(model, hf_dir)
+        return
+    from launch.tokenizer import BPETokenizer
+    from posttrain.hf_tokenizer import config_token_ids, export_tokenizer
+
+    tokenizer = BPETokenizer.load(str(saved))
+    export_hf(model, hf_dir, token_ids=config_token_ids(tokenizer))
+    export_tokenizer(tokenizer, hf_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step_* directory, or a checkpoints/ directory (its newest good one)")
@@ -82,9 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, args.safetensors)
     if args.hf_dir:
-        from moe.hf import export_hf
-
-        export_hf(model, args.hf_dir)
+        export_with_tokenizer(model, ckpt, args.hf_dir)
     print(json.dumps({"checkpoint": str(ckpt), "hf_dir": args.hf_dir, "safetensors": args.safetensors}))
 
 

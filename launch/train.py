@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import optim
@@ -24,6 +25,7 @@ from launch.data import build_data, TrainBatches, ValBatches
 from launch.distributed import DistInfo, expert_groups, init_distributed, launched
 from launch.engine import LocalStepper, finish_step
 from launch.metrics import MetricsLog, plot_losses
+from launch.tokenizer import save_run_tokenizer
 from launch.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError
 from moe.model import Transformer
@@ -113,6 +115,15 @@ def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, dev
     return stepper, stepper.engine.optimizer.optimizer, ds  # the client optimizer's groups hold the lr
 
 
+def check_run_tokenizer(out: Path, tokenizer) -> None:
+    """A run keeps the tokenizer its token ids mean; a resume whose data pipeline built another one
+    (a lost or changed cache) would feed the checkpoint different ids for the same text."""
+    saved = out / "tokenizer.json"
+    if saved.is_file() and Tokenizer.from_file(str(saved)).get_vocab() != tokenizer.to_tokenizers().get_vocab():
+        raise ConfigError(f"{saved} is not the tokenizer this command built from the data (its vocabulary differs); "
+                          "resume with the data and tokenizer settings the run was started with")
+
+
 def on_main(info: DistInfo | None, fn):
     """fn() on rank 0; its result, or the ConfigError / CheckpointError it raised, on every rank."""
     result, error = None, None
@@ -185,6 +196,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         data = build_data(cfg.data, cfg.seq_len)
         model_cfg = cfg.model_config(vocab_size=data.vocab_size)
         config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
+        check_run_tokenizer(out, data.tokenizer)
         start_step, changes = 0, {}
         if decision["resuming"]:
             saved = decision["saved"]
@@ -221,6 +233,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         raise
     if is_main:
         setup.accept(decision, config, start_step, changes)
+        save_run_tokenizer(data.tokenizer, str(out))
         if ds_config is not None:
             from launch.deepspeed_config import write_deepspeed_config
 

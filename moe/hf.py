@@ -72,8 +72,9 @@ _FIXED = {
 }
 
 
-def to_hf_config(cfg: ModelConfig) -> DeepseekV3Config:
-    """The DeepseekV3Config that builds the same network as `cfg`.
+def to_hf_config(cfg: ModelConfig, token_ids: dict | None = None) -> DeepseekV3Config:
+    """The DeepseekV3Config that builds the same network as `cfg`; `token_ids` (bos/eos/pad_token_id
+    of the run's tokenizer) replace transformers' defaults, which name ids our tokenizer gives other meanings.
 
     Training-only fields (bias_update_speed, seq_aux_loss_coef) have no HF counterpart and are not
     carried; from_hf_config gives them ModelConfig's defaults.
@@ -92,6 +93,7 @@ def to_hf_config(cfg: ModelConfig) -> DeepseekV3Config:
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         num_mtp_layers=0,  # we train no multi-token-prediction module
         architectures=["DeepseekV3ForCausalLM"],
+        **(token_ids or {}),
     )
 
 
@@ -156,7 +158,7 @@ def _hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = False, token_ids: dict | None = None) -> Path:
     """Write config.json + model.safetensors that DeepseekV3ForCausalLM.from_pretrained(out_dir) loads.
 
     Refuses a non-empty existing directory unless overwrite=True: a user's saved files are never
@@ -174,7 +176,7 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = 
         # The loader would follow the index to the old shards and ignore the file we write.
         raise FileExistsError(f"export_hf: {str(out / 'model.safetensors.index.json')!r} exists; remove the old shards first")
     out.mkdir(parents=True, exist_ok=True)
-    hf_cfg = to_hf_config(model.cfg)
+    hf_cfg = to_hf_config(model.cfg, token_ids)
     hf_cfg.dtype = model.embed_tokens.weight.dtype
     tensors = {k: v.detach().contiguous().cpu() for k, v in _hf_state_dict(model).items()}
     # Write beside the target and rename, so an interrupted export never leaves a torn file behind.

@@ -233,3 +233,32 @@ def test_one_process_run_relaunched_under_torchrun_is_refused(finished, tmp_path
     # The worker ends with our message (torchrun then reports the exit code in its own words).
     assert "checkpoint error: " in proc.stderr and "saved with zero_stage = None, this run has zero_stage = 1" in proc.stderr
     assert snapshot(out) == before
+
+
+def test_run_keeps_its_tokenizer_and_export_carries_it(finished, tmp_path):
+    """The run directory says which tokenizer its ids mean; the Hugging Face export loads in
+    transformers with it, and config.json's special ids are the tokenizer's end-of-document."""
+    from transformers import AutoTokenizer
+
+    from launch.export import main as export_main
+
+    cache, full = finished
+    assert (full / "tokenizer.json").is_file() and oct((full / "tokenizer.json").stat().st_mode & 0o777) == "0o644"
+    hf = tmp_path / "hf"
+    export_main([str(full / "checkpoints"), "--hf-dir", str(hf)])
+    tok = AutoTokenizer.from_pretrained(hf)
+    text = "def f(x):\n    return x\n"
+    assert tok(text, add_special_tokens=False)["input_ids"] == list(text.encode())
+    config = json.loads((hf / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == 256
+    assert 256 in json.loads((hf / "generation_config.json").read_text())["eos_token_id"]
+
+
+def test_resume_refuses_a_tokenizer_that_is_not_the_runs(finished, tmp_path):
+    cache, out = copy_of(finished, tmp_path, cut_to=4)
+    saved = json.loads((out / "tokenizer.json").read_text())
+    vocab = saved["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (out / "tokenizer.json").write_text(json.dumps(saved))
+    refused(args(cache, out, "--resume"), "is not the tokenizer this command built", out)
