@@ -4,6 +4,9 @@ Shape legend: B batch, T sequence, D hidden, H heads, N no-RoPE head dim (qk_nop
 R RoPE head dim (qk_rope_head_dim), Vh value head dim, Lq / Lkv the query / key-value LoRA ranks;
 when decoding with a cache (moe/cache.py), S cached positions and C = Lkv + R numbers per position.
 
+Packed sequences (several documents in one row) pass `visible_B1TT`, a bool mask that is True where
+query t may attend to key s (s <= t and both in one document); without it attention is plain causal.
+
 Keys and values are reconstructed from a small latent (Lkv) plus one RoPE key of R dims shared by
 all heads ("decoupled RoPE"). Parameter names follow the Hugging Face DeepseekV3 port so checkpoints
 map one-to-one. Per-head row layout, which QK-clip relies on:
@@ -61,7 +64,9 @@ class MLA(nn.Module):
         self.max_logits_H.fill_(float("-inf"))
 
     def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                visible_B1TT: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        """cos/sin are [T, R/2], or [B, 1, T, R/2] for per-sequence positions (packed documents);
+        `visible_B1TT` (bool, True = may attend, causal included) replaces the causal mask."""
         if cache is not None:
             return self.forward_cached(x_BTD, cos_TR, sin_TR, cache)
         B, T, _ = x_BTD.shape
@@ -69,8 +74,13 @@ class MLA(nn.Module):
         if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
             if self.max_logits_H.dtype != torch.float32:  # model.to(bf16) cast the buffer; keep the record exact
                 self.max_logits_H = self.max_logits_H.float()
-            torch.maximum(self.max_logits_H, self.head_max_logits(q_BHTQ, k_BHTQ), out=self.max_logits_H)
-        out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+            torch.maximum(self.max_logits_H, self.head_max_logits(q_BHTQ, k_BHTQ, visible_B1TT),
+                          out=self.max_logits_H)
+        if visible_B1TT is None:  # is_causal keeps SDPA's fused causal kernels for unpacked batches
+            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+        else:
+            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, attn_mask=visible_B1TT,
+                                                      scale=self.scale)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -148,8 +158,10 @@ class MLA(nn.Module):
         return torch.matmul(o_BHTL, w_uv_HVL.transpose(1, 2))
 
     @torch.no_grad()
-    def head_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> torch.Tensor:
-        """[H] fp32: each head's largest scale * q.k over the causal pairs of the batch.
+    def head_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor,
+                        visible_B1TT: torch.Tensor | None = None) -> torch.Tensor:
+        """[H] fp32: each head's largest scale * q.k over the causal pairs of the batch (only the
+        pairs `visible_B1TT` allows, when given: logits softmax never sees must not trigger a clip).
 
         SDPA does not expose its logits, so this is one extra Q K^T product without softmax, PV or
         backward, blockwise over queries: about 1/6 of the attention's own fwd+bwd matmul work.
@@ -160,14 +172,19 @@ class MLA(nn.Module):
             end = min(start + _MAX_LOGIT_BLOCK, T)
             # Keys past `end` are masked for every query in the block, so only [0, end) is read.
             s_BHqk = torch.matmul(q_BHTQ[:, :, start:end], k_BHTQ[:, :, :end].transpose(-1, -2)).float()
-            causal_qk = torch.ones(end - start, end, dtype=torch.bool, device=s_BHqk.device).tril(start)
-            s_BHqk.masked_fill_(~causal_qk, float("-inf"))
+            if visible_B1TT is None:
+                visible_qk = torch.ones(end - start, end, dtype=torch.bool, device=s_BHqk.device).tril(start)
+            else:
+                visible_qk = visible_B1TT[:, :, start:end, :end]
+            s_BHqk.masked_fill_(~visible_qk, float("-inf"))
             best_H = torch.maximum(best_H, s_BHqk.amax(dim=(0, 2, 3)) * self.scale)
         return best_H
 
     @torch.no_grad()
-    def max_logits(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    def max_logits(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
+                   visible_B1TT: torch.Tensor | None = None) -> torch.Tensor:
         """[H] fp32: the largest logit of each head on this input with the current weights (QK-clip's
-        re-measure after an update); records nothing."""
+        re-measure after an update); records nothing. Takes forward's positional arguments, so a
+        forward pre-hook can call it with the args it sees."""
         q_BHTQ, k_BHTQ, _ = self.qkv(x_BTD, cos_TR, sin_TR)
-        return self.head_max_logits(q_BHTQ, k_BHTQ)
+        return self.head_max_logits(q_BHTQ, k_BHTQ, visible_B1TT)

@@ -4,6 +4,11 @@ Single-device code: no process groups, no devices chosen here. Module names matc
 DeepseekV3ForCausalLM without its "model." prefix, so weight exchange is a rename (moe/hf.py).
 `forward` is the training path; `forward_cached` runs the same blocks against MLA's compressed
 cache (moe/cache.py), for sampling (moe/generate.py).
+
+Packing (SFT): `forward(..., document_ids_BT=...)` marks which document each token of a row belongs
+to; attention is then block-diagonal causal and RoPE positions restart at 0 with every document, so
+a packed document's logits are those it would get alone. Routing is per token and unaffected; the
+routers' sequence-wise balance loss (moe/router.py) still treats the whole row as one sequence.
 """
 
 from contextlib import contextmanager
@@ -41,9 +46,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BTD, cos_TR, sin_TR, cache: LayerCache | None = None):
-        # cache by keyword: forward pre-hooks on the attention (QK-clip's) see (x, cos, sin) alone.
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_TR, sin_TR, cache=cache)
+    def forward(self, x_BTD, cos_TR, sin_TR, visible_B1TT=None, cache: LayerCache | None = None):
+        # cache by keyword: forward pre-hooks on the attention (QK-clip's) see (x, cos, sin, mask),
+        # exactly MLA.max_logits's arguments.
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_TR, sin_TR, visible_B1TT, cache=cache)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
 
@@ -79,9 +85,11 @@ class Transformer(nn.Module):
     def attentions(self) -> list[MLA]:
         return [block.self_attn for block in self.layers]
 
-    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output [B, T, D], before the final norm and the head."""
         _check_batch_shape(input_ids_BT)
+        if document_ids_BT is not None:
+            _check_document_ids(document_ids_BT, input_ids_BT)
         T, V = input_ids_BT.shape[1], self.cfg.vocab_size
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len = {self.cfg.max_seq_len}")
@@ -89,18 +97,27 @@ class Transformer(nn.Module):
         if input_ids_BT.device.type != "meta" and (bad := _outside(input_ids_BT, V)) is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {V}) of this model (vocab_size = {V})")
         x_BTD = self.embed_tokens(input_ids_BT)
-        positions_T = torch.arange(T, device=input_ids_BT.device)
-        cos_TR, sin_TR = rope_cos_sin(positions_T, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, x_BTD.dtype)
+        R, theta = self.cfg.qk_rope_head_dim, self.cfg.rope_theta
+        if document_ids_BT is None:
+            positions_T = torch.arange(T, device=input_ids_BT.device)
+            cos, sin = rope_cos_sin(positions_T, R, theta, x_BTD.dtype)  # [T, R/2]
+            visible_B1TT = None  # plain causal: MLA keeps SDPA's is_causal kernels
+        else:
+            positions_BT, visible_B1TT = _packing(document_ids_BT)
+            cos, sin = (t.view(*positions_BT.shape, -1).unsqueeze(1)  # [B, 1, T, R/2]
+                        for t in rope_cos_sin(positions_BT.reshape(-1), R, theta, x_BTD.dtype))
         for block in self.layers:
-            x_BTD = block(x_BTD, cos_TR, sin_TR)
+            x_BTD = block(x_BTD, cos, sin, visible_B1TT)
         return x_BTD
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                return_routing: bool = False) -> ModelOutput:
+                return_routing: bool = False, document_ids_BT: torch.Tensor | None = None) -> ModelOutput:
+        """`document_ids_BT` (integer, [B, T], optional): packed rows, equal ids = one contiguous
+        document; tokens attend only within their document and RoPE restarts at each document."""
         if targets_BT is not None:  # before the forward pass, so a bad batch costs nothing
             self._check_targets(targets_BT, input_ids_BT)
         with self._capture_routing(return_routing) as routing:
-            x_BTD = self.hidden_states(input_ids_BT)
+            x_BTD = self.hidden_states(input_ids_BT, document_ids_BT)
         (B, T), V = input_ids_BT.shape, self.cfg.vocab_size
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if targets_BT is None:
@@ -108,6 +125,8 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(
             logits_BTV.float().view(B * T, V), targets_BT.reshape(B * T), ignore_index=IGNORE_INDEX
         )
+        # Per row, not per packed document: the balance loss only steers routing, and a row is the
+        # unit the router's statistics were specified over (DeepSeek-V3 §2.1.2 "sequence-wise").
         aux = [block.mlp.aux_loss for block in self.layers if isinstance(block.mlp, MoE)]
         aux_loss = torch.stack(aux).sum() if aux else lm_loss.new_zeros(())
         return ModelOutput(logits_BTV, lm_loss + aux_loss, lm_loss, aux_loss, routing.ids(B, T))
@@ -137,7 +156,7 @@ class Transformer(nn.Module):
             positions_BT.reshape(-1), self.cfg.qk_rope_head_dim, self.cfg.rope_theta, x_BTD.dtype))
         with self._capture_routing(return_routing) as routing:
             for block, layer_cache in zip(self.layers, layer_caches):
-                x_BTD = block(x_BTD, cos, sin, layer_cache)
+                x_BTD = block(x_BTD, cos, sin, cache=layer_cache)
         cache.advance(num_new_B)
         return ModelOutput(self.lm_head(self.norm(x_BTD)), routing=routing.ids(B, T))
 
@@ -210,6 +229,43 @@ def _check_batch_shape(input_ids_BT: torch.Tensor) -> None:
     # An empty batch would otherwise fail deep inside (aminmax over no elements, a reshape of zero tokens).
     if input_ids_BT.ndim != 2 or input_ids_BT.numel() == 0:
         raise ValueError(f"input_ids has shape {tuple(input_ids_BT.shape)}; need [B, T] with B >= 1 and T >= 1")
+
+
+def _check_document_ids(document_ids_BT: torch.Tensor, input_ids_BT: torch.Tensor) -> None:
+    if document_ids_BT.shape != input_ids_BT.shape:
+        raise ValueError(f"document_ids have shape {tuple(document_ids_BT.shape)} but input_ids "
+                         f"{tuple(input_ids_BT.shape)}; need the same [B, T]")
+    dtype = document_ids_BT.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"document_ids have dtype {dtype}; need an integer dtype (e.g. torch.int64), "
+                         f"one document id per token")
+    if document_ids_BT.device.type == "meta":
+        return
+    # Each id must form one run: otherwise the id-equality mask and the per-run positions disagree.
+    runs_B = _document_starts(document_ids_BT).sum(dim=1)
+    distinct_B = 1 + (document_ids_BT.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1)
+    if (bad_B := (runs_B != distinct_B).nonzero()).numel():
+        b = bad_B[0, 0].item()
+        raise ValueError(f"document_ids row {b} = {document_ids_BT[b].tolist()} reuses an id after another "
+                         f"document; each document must be one contiguous run of its id")
+
+
+def _document_starts(document_ids_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where a document begins (every row's first token, and wherever the id changes)."""
+    first_B1 = torch.ones_like(document_ids_BT[:, :1], dtype=torch.bool)
+    return torch.cat([first_B1, document_ids_BT[:, 1:] != document_ids_BT[:, :-1]], dim=1)
+
+
+def _packing(document_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions [B, T] counted from each document's start, and the attention mask [B, 1, T, T]
+    (True: query t may see key s, i.e. s <= t in the same document). The mask is B*T*T bools,
+    built once per forward and shared by every layer."""
+    B, T = document_ids_BT.shape
+    t_T = torch.arange(T, device=document_ids_BT.device)
+    start_BT = torch.where(_document_starts(document_ids_BT), t_T, 0).cummax(dim=1).values
+    same_doc_BTT = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=document_ids_BT.device).tril()
+    return t_T - start_BT, (same_doc_BTT & causal_TT).unsqueeze(1)
 
 
 def _outside(ids: torch.Tensor, V: int) -> int | None:
