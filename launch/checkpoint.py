@@ -35,7 +35,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     # Refuse before the (possibly long) consolidation: nothing a user saved is replaced.
     if args.safetensors and Path(args.safetensors).exists():
         sys.exit(f"export: --safetensors {args.safetensors!r} already exists; nothing was written (remove it or pick another path)")
-    if args.hf_dir and Path(args.hf_dir).exists() and (not Path(args.hf_dir).is_dir() or any(Path(args.hf_dir).iterdir())):
-        sys.exit(f"export: --hf-dir {args.hf_dir!r} exists and is not an empty directory; nothing was written")
+    if args.hf_dir:
+        from moe.hf import check_export_dir
+
+        try:
+            check_export_dir(args.hf_dir)
+        except FileExistsError as err:
+            sys.exit(f"export: --hf-dir {args.hf_dir!r} exists and is not an empty directory; nothing was written ({err})")
     try:
         if not (ckpt / "manifest.json").exists():
             found, _ = checkpoint.find_resumable(ckpt, {}, log=lambda m: print(m, file=sys.stderr))

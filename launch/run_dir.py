@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from launch import checkpoint
-from launch.config import load_file
+from launch.config import saved_run_config
 from moe.config import ConfigError
 
 MARKER = "run.json"
@@ -156,7 +156,7 @@ class RunSetup:
         self.lock, self.created = None, False
 
     def open(self) -> dict:
-        resuming = check_usable(self.out, self.resume)
+        check_usable(self.out, self.resume)  # refuse before creating anything
         if not self.out.exists():
             self.out.mkdir(parents=True)
             self.created = True
@@ -173,7 +173,7 @@ class RunSetup:
                 decision["saved"] = {"train": manifest.get("train_config", {}), "model": manifest.get("model_config", {}),
                                      "step": manifest["step"]}
             else:  # our run, killed before its first checkpoint: it starts over, under its own config
-                saved = load_file(str(self.out / "config.yaml")) if (self.out / "config.yaml").exists() else {}
+                saved = saved_run_config(str(self.out)) or {}
                 decision["saved"] = {"train": {k: v for k, v in saved.items() if k != "resolved_model"},
                                      "model": saved.get("resolved_model", {}), "step": 0}
         return decision

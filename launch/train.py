@@ -173,7 +173,6 @@ def run(cfg: TrainConfig) -> dict:
         raise ConfigError(f"ep_size = {cfg.ep_size} needs several processes; launch with torchrun or deepspeed")
     is_main = info is None or info.is_main
     world = 1 if info is None else info.world_size
-    rank = 0 if info is None else info.rank
     out = Path(on_main(info, lambda: cfg.out_dir or default_out_dir(cfg)))
     cfg.out_dir = str(out)
     ckpt_meta = {"world_size": world, "ep_size": 1 if info is None else info.ep_size,

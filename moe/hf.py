@@ -158,12 +158,9 @@ def _hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = False, token_ids: dict | None = None) -> Path:
-    """Write config.json + model.safetensors that DeepseekV3ForCausalLM.from_pretrained(out_dir) loads.
-
-    Refuses a non-empty existing directory unless overwrite=True: a user's saved files are never
-    replaced silently.
-    """
+def check_export_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`out_dir` as a Path if export_hf may write there; FileExistsError saying why not otherwise.
+    Callers with slow work before the export (consolidating a checkpoint) check first."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export_hf: out_dir = {str(out)!r} exists and is not a directory")
@@ -175,6 +172,16 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = 
     if (out / "model.safetensors.index.json").exists():
         # The loader would follow the index to the old shards and ignore the file we write.
         raise FileExistsError(f"export_hf: {str(out / 'model.safetensors.index.json')!r} exists; remove the old shards first")
+    return out
+
+
+def export_hf(model: Transformer, out_dir: str | os.PathLike, overwrite: bool = False, token_ids: dict | None = None) -> Path:
+    """Write config.json + model.safetensors that DeepseekV3ForCausalLM.from_pretrained(out_dir) loads.
+
+    Refuses a non-empty existing directory unless overwrite=True: a user's saved files are never
+    replaced silently.
+    """
+    out = check_export_dir(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = to_hf_config(model.cfg, token_ids)
     hf_cfg.dtype = model.embed_tokens.weight.dtype
