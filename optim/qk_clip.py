@@ -130,7 +130,7 @@ class QKClip:
     """QK-clip for one model: call it after each optimizer update.
 
     Construction switches on the model's max-logit records and, with `remeasure`, a forward pre-hook
-    that remembers the input ids (and autocast settings) of the last forward that builds a graph in
+    that remembers the input ids, document ids (and autocast settings) of the last forward that builds a graph in
     training mode: the step's last micro-batch. A call clips as the module docstring says, resets
     the records and returns the [L, H] max logits the clip acted on (also `last_max_logits_LH`).
     `row_scaler` is an attribute: replace it when another component owns the master weights.
@@ -156,8 +156,10 @@ class QKClip:
     def _remember_batch(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if model.training and torch.is_grad_enabled():
             ids = args[0] if args else kwargs["input_ids_BT"]
+            # Packed rows: the re-measure must see the same per-document attention the step did.
+            documents = kwargs.get("document_ids_BT", args[3] if len(args) > 3 else None)
             device = ids.device.type
-            self._batch = (ids, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            self._batch = (ids, documents, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
@@ -174,7 +176,7 @@ class QKClip:
     def _clip_while_reforwarding(self, max_LH: torch.Tensor) -> torch.Tensor:
         """Re-run the remembered micro-batch; before each MLA runs, fold its logits under the current
         (updated, earlier layers already clipped) weights into max_LH[layer] and clip that layer."""
-        ids, autocast_on, autocast_dtype = self._batch
+        ids, documents, autocast_on, autocast_dtype = self._batch
 
         def clip_before(layer: int):
             def hook(attn: nn.Module, args: tuple) -> None:
@@ -190,7 +192,7 @@ class QKClip:
         self.model.eval()  # eval: the routers' load counts and the attention records stay as they are
         try:
             with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_on):
-                self.model.hidden_states(ids)
+                self.model.hidden_states(ids, documents)
         finally:
             for handle in handles:
                 handle.remove()

@@ -154,6 +154,36 @@ def test_max_logits_record_only_pairs_inside_a_document():
     torch.testing.assert_close(attn.max_logits(*captured[0]).double(), inside_H, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("as_keyword", [True, False])
+def test_qk_clip_remeasure_runs_the_packed_batch_with_its_documents(as_keyword):
+    """With lr 0 the re-measure re-runs the step's batch on unchanged weights, so it must find exactly
+    the logits the training forward recorded; re-run without the document ids it would also score
+    the cross-document pairs, which are larger for some head of this A|B|A row."""
+    import optim
+
+    model = _model().train()
+    opt = optim.build("muonclip", model, lr=0.0, weight_decay=0.0, qk_clip_tau=1e9)
+    a = 11
+    ids_BT, doc_BT = _packed((a, 1), model.cfg.vocab_size)
+    ids_BT = torch.cat([ids_BT, ids_BT[:, :a]], dim=1)
+    doc_BT = torch.cat([doc_BT, torch.full((1, a), 99)], dim=1)
+    targets_BT = torch.roll(ids_BT, -1, dims=1)
+    if as_keyword:
+        out = model(ids_BT, targets_BT, document_ids_BT=doc_BT)
+    else:
+        out = model(ids_BT, targets_BT, False, doc_BT)
+    recorded_LH = torch.stack([attn.max_logits_H.clone() for attn in model.attentions()])
+    out.loss.backward()
+    opt.step()
+    torch.testing.assert_close(opt.last_max_logits_LH, recorded_LH.float(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the same weights without document ids: some head sees a larger logit
+        for attn in model.attentions():
+            attn.reset_max_logits()
+        model(ids_BT)
+    across_LH = torch.stack([attn.max_logits_H for attn in model.attentions()])
+    assert (across_LH > recorded_LH + 1e-3).any()
+
+
 @pytest.mark.parametrize("document_ids, message", [
     (torch.zeros(1, 22, dtype=torch.int64), r"shape \(1, 22\) but input_ids \(1, 23\)"),
     (torch.zeros(23, dtype=torch.int64), r"shape \(23,\) but input_ids \(1, 23\)"),
