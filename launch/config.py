@@ -51,6 +51,9 @@ DEFAULT_PRESET = "small"
 class TrainConfig:
     # Model: `preset` names a moe.config preset, every other key overrides one of its fields.
     model: dict = field(default_factory=lambda: {"preset": DEFAULT_PRESET})
+    # A run directory, one of its checkpoints, or a Hugging Face directory: the run starts from its
+    # weights, model and tokenizer (fine-tuning, SFT); `model` then only labels the run.
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     # Optimisation. `optimizer` is a name from optim's registry or a dotted torch.optim path.
     optimizer: str = "adamw"
@@ -100,7 +103,20 @@ class TrainConfig:
             raise ConfigError("resume = true needs out_dir: the run directory to continue (--out-dir)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"TrainConfig.device = {self.device!r}; valid: auto, cpu, cuda")
-        self.model_config(vocab_size=None)  # fail now, not after the data is built
+        if self.init_from is not None:
+            self._check_init_from()
+        else:
+            self.model_config(vocab_size=None)  # fail now, not after the data is built
+
+    def _check_init_from(self) -> None:
+        if not self.init_from:
+            raise ConfigError("init_from is empty; give a run directory, a checkpoint or a Hugging Face directory")
+        fields_given = sorted(set(self.model) - {"preset"})
+        if fields_given and self.resolved_model is None:
+            raise ConfigError(
+                f"model.{fields_given[0]} is given with init_from = {self.init_from!r}: a run that starts from "
+                "trained weights trains their model as it is; drop the model fields"
+            )
 
     def _check_model(self) -> None:
         hints = typing.get_type_hints(ModelConfig)
@@ -141,7 +157,8 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int | None) -> ModelConfig:
         """The ModelConfig this run trains. vocab_size (the tokenizer's) fills the model's unless the
-        user set one explicitly (or resolved_model is set), which must then be large enough."""
+        user set one explicitly (or resolved_model is set), which must then be large enough. A run
+        with init_from and no resolved_model yet takes its model from the source (launch/train.py)."""
         if self.resolved_model is not None:
             cfg = ModelConfig(**self.resolved_model)
             if vocab_size is not None and cfg.vocab_size < vocab_size:
@@ -310,12 +327,12 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see --help")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="python -m launch.train",
-        description="Train a Kimi-K2-style MoE. With no arguments: the `small` preset on the Python "
-        "standard library's source, on CPU in a few minutes.",
-    )
+TRAIN_HELP = ("python -m launch.train", "Train a Kimi-K2-style MoE. With no arguments: the `small` preset on the "
+              "Python standard library's source, on CPU in a few minutes.")
+
+
+def build_parser(help: tuple[str, str] = TRAIN_HELP) -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=help[0], description=help[1])
     parser.add_argument("--config", help="YAML or TOML file with fields of TrainConfig (a run's config.yaml works)")
     parser.add_argument("--model", dest="model_preset", help="model preset (tiny, small, k2-2b, kimi-k2)")
     parser.add_argument("--data", dest="data_path", help="text/JSONL/Parquet file, glob, directory or datasets name")
@@ -337,7 +354,7 @@ def _type_label(hint) -> str:
     return getattr(hint, "__name__", str(hint)).upper()
 
 
-def parse_overrides(argv: list[str] | None = None) -> dict:
+def parse_overrides(argv: list[str] | None = None, help: tuple[str, str] = TRAIN_HELP) -> dict:
     """What the command gives explicitly: the --config file's fields, then the flags over them.
 
     A nested dict of TrainConfig fields, e.g. {"lr": 1e-05, "model": {"num_layers": 4}, "data": {...}};
@@ -345,7 +362,7 @@ def parse_overrides(argv: list[str] | None = None) -> dict:
     unknown keys, unreadable files and malformed flags raise ConfigError. Ranges and consistency
     are TrainConfig's to check.
     """
-    args, rest = build_parser().parse_known_args(argv)
+    args, rest = build_parser(help).parse_known_args(argv)
     values = _file_values(args.config) if args.config else {}
     hints = typing.get_type_hints(TrainConfig)
     for name, text in vars(args).items():
@@ -369,17 +386,24 @@ def parse_overrides(argv: list[str] | None = None) -> dict:
     return values
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None,
+               help: tuple[str, str] = TRAIN_HELP) -> TrainConfig:
     """Defaults <- --config file <- flags. Unknown keys, wrong types and bad values raise ConfigError.
 
     With --resume and an --out-dir that holds a run of ours, the run's saved config.yaml takes the
     defaults' place: `--resume --out-dir RUN` alone continues RUN as it was configured, and what
     the command gives on top is what it changes (which the trainer then accepts or refuses,
-    launch/resume.py)."""
-    given = parse_overrides(argv)
+    launch/resume.py). `defaults` (a nested dict of fields, e.g. posttrain.sft's) replaces the
+    dataclass defaults of a new run."""
+    given = parse_overrides(argv, help)
     base = saved_run_config(given["out_dir"]) if given.get("resume") and given.get("out_dir") else None
     if base is None:
-        return from_dict(TrainConfig, given)
+        base = defaults or {}
+        merged = {**base, **given}
+        for section in ("model", "data"):
+            if section in base or section in given:
+                merged[section] = {**base.get(section, {}), **given.get(section, {})}
+        return from_dict(TrainConfig, merged)
     merged = {**base, **given}
     for section in ("model", "data"):
         merged[section] = {**base.get(section, {}), **given.get(section, {})}
@@ -427,4 +451,5 @@ def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:
 
 def default_out_dir(cfg: TrainConfig) -> str:
     root = os.environ.get("KIMI_MOE_RUNS", "runs")
-    return os.path.join(root, f"{cfg.model.get('preset', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    label = "sft" if cfg.data.format == "chat" else cfg.model.get("preset", "run")
+    return os.path.join(root, f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -5,6 +5,7 @@ The whole API:
     cfg = DataConfig(path=None, tokenizer="bpe", vocab_size=4096)   # validated on construction
     data = build_data(cfg, seq_len=256)                              # -> DataBundle
     data.train, data.val     # int32 tensors [N, seq_len + 1]: example i is tokens[i*T : i*T + T + 1]
+                             # (data.format = "chat": [N, 3, seq_len + 1] conversation rows, posttrain/sft_data.py)
     data.tokenizer           # .encode(str) -> list[int], .decode(ids) -> str, .eod_id
     data.vocab_size          # every id in train/val is < vocab_size
     batches = TrainBatches(data.train, micro_batch_size, seed=0, rank=r, world_size=w)
@@ -66,9 +67,14 @@ class DataConfig:
     val_fraction: float = 0.02  # of documents held out for validation
     cache_dir: str | None = None  # None: $KIMI_MOE_CACHE, else ~/.cache/kimi-moe
     num_proc: int = 1  # processes for tokenising; the BPE already uses every core from one process
+    # "text": documents, every token a target (pretraining). "chat": a JSONL file of conversations,
+    # the loss on assistant tokens only, packed with per-document attention (posttrain/sft_data.py).
+    format: str = "text"
 
     def __post_init__(self):
         check_field_types(self)
+        if self.format not in ("text", "chat"):
+            raise ConfigError(f"data.format = {self.format!r}; valid: 'text' (documents), 'chat' (conversations JSONL)")
         if self.tokenizer not in ("bpe", "bytes"):
             raise ConfigError(f"data.tokenizer = {self.tokenizer!r}; valid: 'bpe', 'bytes'")
         if self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
@@ -93,25 +99,33 @@ class DataConfig:
 
 @dataclass
 class DataBundle:
-    train: torch.Tensor  # int32 [N_train, seq_len + 1]
-    val: torch.Tensor  # int32 [N_val, seq_len + 1]
+    # int32 [N, seq_len + 1] windows of text; [N, 3, seq_len + 1] rows of conversations (posttrain/sft_data.py)
+    train: torch.Tensor
+    val: torch.Tensor
     tokenizer: BPETokenizer | BytesTokenizer
     vocab_size: int
     # Counts, timings and cache hits of this build, for the run log.
     stats: dict = field(default_factory=dict)
 
 
-def build_data(cfg: DataConfig, seq_len: int) -> DataBundle:
-    """Load, split, tokenise (cached) and pack the corpus `cfg` names into examples of seq_len + 1 tokens."""
+def build_data(cfg: DataConfig, seq_len: int, tokenizer=None) -> DataBundle:
+    """Load, split, tokenise (cached) and pack the corpus `cfg` names into examples of seq_len + 1 tokens.
+
+    `tokenizer`: the one a run that starts from trained weights must use (theirs); None trains or
+    loads the BPE `cfg` describes. data.format = "chat" needs one (posttrain/sft_data.py)."""
     if seq_len < 1:
         raise ConfigError(f"seq_len = {seq_len} must be >= 1")
+    if cfg.format == "chat":
+        from posttrain.sft_data import build_chat_data
+
+        return build_chat_data(cfg, seq_len, tokenizer)
     start = time.perf_counter()
     docs = load_documents(cfg.path, cfg.text_field, cfg.max_bytes, cfg.cache_dir)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     os.makedirs(os.path.join(cfg.cache_dir, "tokens"), exist_ok=True)
     lock = os.path.join(cfg.cache_dir, "tokens", f"{docs.fingerprint}.lock")
     with filelock.FileLock(lock):
-        tokenizer, tokenizer_cached = _tokenizer(cfg, docs, train_docs)
+        tokenizer, tokenizer_cached = (tokenizer, True) if tokenizer is not None else _tokenizer(cfg, docs, train_docs)
         train_ids, train_cached = tokenise(train_docs, docs, tokenizer, "train", cfg)
         val_ids, val_cached = tokenise(val_docs, docs, tokenizer, "val", cfg)
     train, val = pack(train_ids, seq_len), pack(val_ids, seq_len)

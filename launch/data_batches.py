@@ -19,16 +19,26 @@ import numpy as np
 import torch
 
 from moe.config import ConfigError
+from moe.model import IGNORE_INDEX
 
 
-def _split(batch_BT1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[B, T+1] windows -> (inputs, targets); [B, 3, T+1] conversation rows (tokens, loss mask,
+    document ids; posttrain/sft_data.py) -> (inputs, targets, document ids), where a target is
+    IGNORE_INDEX unless the mask keeps it and it lies in the same document as its input."""
     # Contiguous copies: the model flattens targets with .view(-1).
-    batch_BT1 = batch_BT1.long()
-    return batch_BT1[:, :-1].contiguous(), batch_BT1[:, 1:].contiguous()
+    batch = batch.long()
+    if batch.ndim == 2:
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    tokens_BT1, mask_BT1, document_BT1 = batch.unbind(1)
+    keep_BT = mask_BT1[:, 1:].bool() & (document_BT1[:, 1:] == document_BT1[:, :-1])
+    targets_BT = torch.where(keep_BT, tokens_BT1[:, 1:], IGNORE_INDEX)
+    return tokens_BT1[:, :-1].contiguous(), targets_BT.contiguous(), document_BT1[:, :-1].contiguous()
 
 
 class TrainBatches:
-    """Endless iterator of (inputs [B, T], targets [B, T]) int64 for one data-parallel rank."""
+    """Endless iterator of (inputs [B, T], targets [B, T]) int64 for one data-parallel rank; with
+    conversation rows, (inputs, targets, document ids [B, T])."""
 
     def __init__(self, examples: torch.Tensor, micro_batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
         if world_size < 1 or not 0 <= rank < world_size:

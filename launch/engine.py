@@ -2,7 +2,7 @@
 DeepSpeed engine (ZeRO 0-3, expert parallelism) under a launcher. The trainer's loop is the same for
 both; it talks to a `Stepper`:
 
-    for each micro-batch: loss = stepper.forward(inputs, targets).loss; stepper.backward(loss)
+    for each micro-batch: loss = stepper.forward(inputs, targets[, document_ids]).loss; stepper.backward(loss)
     result = stepper.step()   # clip, optimizer step (or skip on a non-finite gradient), zero grads
 
 `backward` divides by the accumulation count in both (DeepSpeed does it inside `engine.backward`), so
@@ -37,8 +37,8 @@ class LocalStepper:
         self.model, self.optimizer = model, optimizer
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
 
-    def forward(self, inputs, targets):
-        return self.model(inputs, targets)
+    def forward(self, inputs, targets, document_ids=None):
+        return self.model(inputs, targets, document_ids_BT=document_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -81,8 +81,8 @@ class DeepSpeedStepper:
         """The max logits [L, H] the last clip acted on (None before the first, or without QK-clip)."""
         return None if self.qk_clip is None else self.qk_clip.last_max_logits_LH
 
-    def forward(self, inputs, targets):
-        return self.engine(inputs, targets)
+    def forward(self, inputs, targets, document_ids=None):
+        return self.engine(inputs, targets, document_ids_BT=document_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -25,9 +25,10 @@ from launch.data import build_data, TrainBatches, ValBatches
 from launch.distributed import DistInfo, expert_groups, init_distributed, launched
 from launch.engine import LocalStepper, finish_step
 from launch.metrics import MetricsLog, plot_losses
-from launch.tokenizer import save_run_tokenizer
+from launch.pretrained import load_pretrained
+from launch.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.mfu import flops_per_token, gpu_peak_flops
-from moe.config import ConfigError
+from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 from moe.params import count_parameters
 
@@ -64,9 +65,10 @@ def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None
     """One optimizer step over grad_accum micro-batches; returns the step's scalars (global means)."""
     losses = torch.zeros(2, device=device)  # lm, aux: summed over micro-batches
     for _ in range(cfg.grad_accum):
-        inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
+        # (inputs, targets) of text; (inputs, targets, document ids) of packed conversations
+        micro_batch = [t.to(device, non_blocking=True) for t in next(batches)]
         with autocast(device, info):
-            out = stepper.forward(inputs, targets)
+            out = stepper.forward(*micro_batch)
         stepper.backward(out.loss)
         losses += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float()])
     if info is not None:
@@ -90,9 +92,10 @@ def evaluate(model, val_batches, device, info: DistInfo | None = None) -> float:
     # Every rank evaluates the same batches (EP and ZeRO-3 forwards are collective).
     model.eval()
     total, count = 0.0, 0
-    for inputs, targets in val_batches:
+    for inputs, targets, *documents in val_batches:
         with autocast(device, info):
-            total += model(inputs.to(device), targets.to(device)).lm_loss.item()
+            documents = documents[0].to(device) if documents else None
+            total += model(inputs.to(device), targets.to(device), document_ids_BT=documents).lm_loss.item()
         count += 1
     model.train()
     return total / count
@@ -122,6 +125,30 @@ def check_run_tokenizer(out: Path, tokenizer) -> None:
     if saved.is_file() and Tokenizer.from_file(str(saved)).get_vocab() != tokenizer.to_tokenizers().get_vocab():
         raise ConfigError(f"{saved} is not the tokenizer this command built from the data (its vocabulary differs); "
                           "resume with the data and tokenizer settings the run was started with")
+
+
+def starting_point(cfg: TrainConfig, out: Path, decision: dict):
+    """(the Pretrained to start from or None, ModelConfig, tokenizer) of a run with init_from.
+
+    A run that resumes from its own checkpoint needs no source weights: its model is the one it
+    recorded and its tokenizer the one it kept (a changed or lost source cannot change it)."""
+    if decision["ckpt"] is not None:
+        saved = out / "tokenizer.json"
+        if not saved.is_file():
+            raise ConfigError(f"{saved} is missing: the run started from {cfg.init_from!r} must keep that tokenizer")
+        return None, ModelConfig(**decision["saved"]["model"]), BPETokenizer.load(str(saved))
+    init = load_pretrained(cfg.init_from)
+    if init.tokenizer is None:
+        raise ConfigError(f"init_from = {cfg.init_from!r}: {init.source} kept no tokenizer.json, so its token ids "
+                          "cannot be read; export it from its run (launch.export --hf-dir keeps the run's tokenizer)")
+    model_cfg = init.model.cfg
+    if cfg.resolved_model is not None and cfg.resolved_model != dataclasses.asdict(model_cfg):
+        raise ConfigError(f"init_from = {cfg.init_from!r} holds another model than this config's resolved_model; "
+                          "delete resolved_model to train the source's model")
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"seq_len = {cfg.seq_len} exceeds the max_seq_len = {model_cfg.max_seq_len} of {init.source}")
+    print(f"starting from {init.source}", file=sys.stderr)
+    return init, model_cfg, init.tokenizer
 
 
 def on_main(info: DistInfo | None, fn):
@@ -192,8 +219,13 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     rank = 0 if info is None else info.rank
     try:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        data = build_data(cfg.data, cfg.seq_len)
-        model_cfg = cfg.model_config(vocab_size=data.vocab_size)
+        init = None
+        if cfg.init_from is None:
+            data = build_data(cfg.data, cfg.seq_len)
+            model_cfg = cfg.model_config(vocab_size=data.vocab_size)
+        else:
+            init, model_cfg, tokenizer = starting_point(cfg, out, decision)
+            data = build_data(cfg.data, cfg.seq_len, tokenizer)
         config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
         check_run_tokenizer(out, data.tokenizer)
         start_step, changes = 0, {}
@@ -205,7 +237,10 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
                 raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
                                   f"nothing left to train; pass --steps above {start_step} to continue it")
 
-        model = Transformer(model_cfg).to(device)
+        model = Transformer(model_cfg)
+        if init is not None:  # before expert parallelism takes each rank's slice of the experts
+            model.load_state_dict(init.model.state_dict())
+        model = model.to(device)
         counts = count_parameters(model)
         if info is not None and info.ep_size > 1:
             from launch.expert_parallel import apply_expert_parallel
@@ -243,7 +278,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     step_flops = flops_per_token(model_cfg, counts["active"], cfg.seq_len) * tokens_per_step
     if is_main:
         print(
-            f"model {cfg.model.get('preset')}: {counts['total'] / 1e6:.1f}M total / {counts['active'] / 1e6:.1f}M active "
+            f"model {cfg.model.get('preset') if cfg.init_from is None else 'from ' + cfg.init_from}: {counts['total'] / 1e6:.1f}M total / {counts['active'] / 1e6:.1f}M active "
             f"parameters; {len(data.train)} train / {len(data.val)} val sequences of {cfg.seq_len} tokens; "
             f"{tokens_per_step} tokens per step on {world} x {device.type}"
             + (f" (ZeRO-{cfg.zero_stage}, EP {info.ep_size})" if info else "") + f"; writing {out}",
@@ -315,6 +350,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         "skipped_steps": skipped_total, "tokens": tokens_per_step * cfg.steps, "first_val_loss": first_val,
         "final_val_loss": val_loss, "wall_s": round(time.perf_counter() - start, 1), "device": str(device),
         "world_size": world, "out_dir": str(out), "last_checkpoint": checkpoint.latest(ckpt_root),
+        "init_from": cfg.init_from, "data": data.stats,
     }
     if log:
         log.close()
@@ -330,10 +366,11 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, parse=parse_args) -> None:
+    """Parse (`parse(argv) -> TrainConfig`; posttrain.sft brings its own), train, and turn the
+    errors a user can fix into one line and exit status 1."""
     try:
-        cfg = parse_args(argv)
-        run(cfg)
+        run(parse(argv))
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     except checkpoint.CheckpointError as err:
