@@ -170,9 +170,15 @@ def trajectory(request, calls, unit):
     return messages, answer
 
 
-def make_tasks(n: int, seed: int, kind: str = "single", split: str = "train") -> list[dict]:
+def make_tasks(n: int, seed: int, kind: str = "single", split: str = "train", declare_tools: bool = True) -> list[dict]:
     """`n` tasks of `kind`, families drawn uniformly, requests only from `split`. Deterministic per
-    (seed, kind, split). Requests may repeat within a split (a family has a few hundred lookups), never across."""
+    (seed, kind, split). Requests may repeat within a split (a family has a few hundred lookups), never across.
+
+    declare_tools=False gives tasks with "tools": None, so no conversation carries the tools turn:
+    the five schemas are ~830 tokens for the stdlib BPE against ~90 for the rest of a conversation,
+    all masked out of the loss, so a CPU budget sees ~9x more conversations without them. The model
+    then learns the tools from the trajectories alone; the executor checks calls against the same
+    schemas either way."""
     if kind not in FAMILIES:
         raise ValueError(f"kind = {kind!r}; valid: {', '.join(FAMILIES)}")
     if split not in ("train", "heldout"):
@@ -186,7 +192,7 @@ def make_tasks(n: int, seed: int, kind: str = "single", split: str = "train") ->
             continue
         messages, answer = episode
         tasks.append({"id": f"{kind}-{split}-{seed}-{len(tasks)}", "family": family, "messages": messages[:1],
-                      "tools": SCHEMAS, "answer": answer, "trajectory": messages})
+                      "tools": SCHEMAS if declare_tools else None, "answer": answer, "trajectory": messages})
     return tasks
 
 
@@ -194,4 +200,7 @@ def write_jsonl(tasks, path):
     """SFT data: one {"messages": ground-truth trajectory, "tools": schemas} object per line."""
     with open(path, "w") as f:
         for task in tasks:
-            f.write(json.dumps({"messages": task["trajectory"], "tools": task["tools"]}) + "\n")
+            record = {"messages": task["trajectory"]}
+            if task["tools"] is not None:
+                record["tools"] = task["tools"]
+            f.write(json.dumps(record) + "\n")
