@@ -10,7 +10,17 @@ missing or extra, not an object) gets a tool message {"error": ...} answering it
 invalid call. Each parse error counts as an invalid call too and gets an {"error": ...} tool message
 without `tool_call_id` or `name`, since it answers no call the message holds; a turn with parse errors is
 never the final answer, so the model sees the error and tries again. Nothing the model emits raises here;
-an exception raised by the policy itself is the adapter's bug and propagates.
+an exception raised by the policy itself is the adapter's bug and propagates, but for ContextFull:
+a conversation that outgrew the model's context ends its episode as a failure, counted, not a crash.
+
+One assistant turn is `take_turn(episode, reply, max_turns)`, so a caller that batches the model over
+many episodes (posttrain/policy.py's `play_episodes`) advances each by exactly the logic
+`run_episode` uses:
+
+    episode = new_episode(task)
+    while episode["stopped"] is None:
+        take_turn(episode, policy(episode["messages"], task["tools"]), max_turns)
+    summarize(tasks, episodes)            # what evaluate(policy, tasks) returns
 """
 
 import json
@@ -63,36 +73,71 @@ def _assistant(raw):
     return message, calls, errors
 
 
+class ContextFull(Exception):
+    """Raised by a policy whose model cannot read the conversation so far (it outgrew the context):
+    the episode ends there, stopped "context", unanswered. Not an invalid call: the model made none."""
+
+
+def new_episode(task) -> dict:
+    """An episode of `task` before its first turn: what `run_episode` returns, with "stopped" None
+    (still playing), "final" None and "turns" 0. `take_turn` advances it."""
+    return {"messages": [dict(m) for m in task["messages"]], "calls": [], "final": None, "turns": 0,
+            "stopped": None}
+
+
+def check_max_turns(max_turns) -> None:
+    if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
+        raise ValueError(f"max_turns = {max_turns!r}; it must be a positive integer")
+
+
+def take_turn(episode: dict, reply, max_turns: int) -> None:
+    """Apply one assistant turn, `reply` as the policy returned it, to `episode` (in place): record
+    it, run its calls, append their results. The episode is over ("stopped" set) when the turn
+    called nothing and had no parse errors (the answer), or when it was the max_turns-th."""
+    message, raw_calls, errors = _assistant(reply)
+    calls, results = episode["calls"], []
+    for raw in raw_calls:
+        entry, name, arguments = _call_entry(raw, f"call_{len(calls)}")
+        payload, parsed = _decode(raw, name, arguments)
+        calls.append({"name": entry["function"]["name"], "arguments": parsed, "ok": "result" in payload,
+                      "payload": payload})
+        results.append({"role": "tool", "tool_call_id": entry["id"], "name": entry["function"]["name"],
+                        "content": json.dumps(payload)})
+        message.setdefault("tool_calls", []).append(entry)
+    for error in errors:
+        calls.append({"name": None, "arguments": None, "ok": False, "payload": {"error": error}})
+        results.append({"role": "tool", "content": json.dumps({"error": error})})
+    if message["content"] is None and "tool_calls" not in message:
+        # Output with no text and no readable call: recorded as the empty turn it rendered to, since
+        # a turn with neither is no valid conversation and the next prompt could not be rendered.
+        message["content"] = ""
+    episode["messages"] += [message] + results
+    episode["turns"] += 1
+    if not results:
+        episode["final"], episode["stopped"] = message["content"], "answer"
+    elif episode["turns"] >= max_turns:
+        episode["stopped"] = "max_turns"
+
+
 def run_episode(policy, task, max_turns: int = 4) -> dict:
     """Play `task` with `policy` for at most `max_turns` assistant turns.
 
     Returns {"messages": the whole conversation, "calls": [{"name", "arguments", "ok", "payload"}] in
-    order, "final": the answering turn's content ("" if it had none; None if turns ran out),
-    "turns": assistant turns taken, "stopped": "answer" | "max_turns"}. A call is ok when the tool
-    returned a result; a tool that refused well-formed arguments (division by zero) is not ok either.
+    order, "final": the answering turn's content ("" if it had none; None if it never answered),
+    "turns": assistant turns taken, "stopped": "answer" | "max_turns" | "context" (the policy raised
+    ContextFull)}. A call is ok when the tool returned a result; a tool that refused well-formed
+    arguments (division by zero) is not ok either.
     """
-    if not isinstance(max_turns, int) or max_turns < 1:
-        raise ValueError(f"max_turns = {max_turns!r}; it must be a positive integer")
-    messages, calls = [dict(m) for m in task["messages"]], []
-    for turn in range(1, max_turns + 1):
-        message, raw_calls, errors = _assistant(policy(list(messages), task["tools"]))
-        results = []
-        for raw in raw_calls:
-            entry, name, arguments = _call_entry(raw, f"call_{len(calls)}")
-            payload, parsed = _decode(raw, name, arguments)
-            calls.append({"name": entry["function"]["name"], "arguments": parsed, "ok": "result" in payload,
-                          "payload": payload})
-            results.append({"role": "tool", "tool_call_id": entry["id"], "name": entry["function"]["name"],
-                            "content": json.dumps(payload)})
-            message.setdefault("tool_calls", []).append(entry)
-        for error in errors:
-            calls.append({"name": None, "arguments": None, "ok": False, "payload": {"error": error}})
-            results.append({"role": "tool", "content": json.dumps({"error": error})})
-        messages += [message] + results
-        if not results:
-            return {"messages": messages, "calls": calls, "final": message["content"] or "", "turns": turn,
-                    "stopped": "answer"}
-    return {"messages": messages, "calls": calls, "final": None, "turns": max_turns, "stopped": "max_turns"}
+    check_max_turns(max_turns)
+    episode = new_episode(task)
+    while episode["stopped"] is None:
+        try:
+            reply = policy(list(episode["messages"]), task["tools"])
+        except ContextFull:
+            episode["stopped"] = "context"
+            break
+        take_turn(episode, reply, max_turns)
+    return episode
 
 
 def _expected_calls(task):
@@ -128,15 +173,24 @@ def score(task, episode) -> dict:
 
 
 def evaluate(policy, tasks, max_turns: int = 4) -> dict:
-    """Rates over `tasks`: success, right tool, right arguments, answer; valid calls over all calls made;
-    and success per task family."""
+    """Rates over `tasks`, one `run_episode` each: see `summarize`."""
     if not tasks:
         raise ValueError("evaluate needs at least one task")
-    scores = [score(task, run_episode(policy, task, max_turns)) for task in tasks]
+    return summarize(tasks, [run_episode(policy, task, max_turns) for task in tasks])
+
+
+def summarize(tasks, episodes) -> dict:
+    """Rates over `tasks` played as `episodes` (in the same order): success, right tool, right
+    arguments, answer; valid calls over all calls made; success per task family; and how many
+    episodes stopped for each reason."""
+    scores = [score(task, episode) for task, episode in zip(tasks, episodes, strict=True)]
     valid, invalid = sum(s["valid_calls"] for s in scores), sum(s["invalid_calls"] for s in scores)
     families = {}
     for task, s in zip(tasks, scores):
         families.setdefault(task["family"], []).append(s["success"])
+    stopped = {reason: 0 for reason in ("answer", "max_turns", "context")}
+    for episode in episodes:
+        stopped[episode["stopped"]] += 1
 
     def rate(key):
         return sum(s[key] for s in scores) / len(scores)
@@ -145,4 +199,4 @@ def evaluate(policy, tasks, max_turns: int = 4) -> dict:
             "right_arguments_rate": rate("right_arguments"), "answered_rate": rate("answered"),
             "valid_call_rate": valid / (valid + invalid) if valid + invalid else 0.0,
             "valid_calls": valid, "invalid_calls": invalid,
-            "success_by_family": {f: sum(v) / len(v) for f, v in sorted(families.items())}}
+            "success_by_family": {f: sum(v) / len(v) for f, v in sorted(families.items())}, "stopped": stopped}
