@@ -21,7 +21,7 @@ Documents are joined with the end-of-document token and cut into windows of T + 
 stride T, so every token after the first is a target exactly once.
 
 Caches, all under `cache_dir` (default $KIMI_MOE_CACHE, else ~/.cache/kimi-moe):
-    tokenizers/bpe-f2-<vocab>-<corpus>.json  the trained BPE (with the chat special tokens)
+    tokenizers/bpe-f3-<vocab>-<corpus>.json  the trained BPE (with the chat special tokens)
     tokens/<corpus>-<tokenizer>-<split>.arrow  token ids of each split (the map's cache file)
     datasets/                                 `datasets`' own cache of the user's files
 Keys are fingerprints of the documents and of the tokenizer, so a changed corpus or vocab_size

@@ -137,7 +137,7 @@ def test_special_tokens_have_fixed_ids_inside_the_vocabulary(tok):
     with pytest.raises(ValueError, match=r"vocab_size = 264 is below 265 \(256 bytes \+ 9 special tokens\)"):
         train_bpe(iter([["abc"]]), 264)
     # New ids mean a new cache file: a BPE cached before the chat tokens is never read as one with them.
-    assert os.path.basename(bpe_cache_path("/c", 4096, "abc")) == "bpe-f2-4096-abc.json"
+    assert os.path.basename(bpe_cache_path("/c", 4096, "abc")) == "bpe-f3-4096-abc.json"
 
 
 def test_a_bpe_from_before_the_chat_tokens_still_loads_but_chat_refuses_it(tmp_path):
