@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--chat", action="store_true", help="an interactive chat on stdin")
     parser.add_argument("--tools", action="store_true",
                         help="with --chat: offer posttrain/tools.py's tools and run the calls")
+    parser.add_argument("--no-tool-schemas", action="store_true",
+                        help="with --tools: leave the schemas out of the prompt (models fine-tuned without them)")
     parser.add_argument("--max-turns", type=int, default=4, help="with --chat --tools: assistant turns per user line")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -164,7 +166,9 @@ def _show(message: dict, out) -> None:
 def _chat(model, tokenizer, args, stdin, out) -> None:
     _chat_stops(tokenizer, "--chat")
     policy = ModelPolicy(model, tokenizer, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    tools = SCHEMAS if args.tools else None
+    # A model fine-tuned without the tools turn (the demo's, posttrain/tasks.py's declare_tools)
+    # never saw the schemas: --no-tool-schemas runs the tools without showing it them.
+    tools = SCHEMAS if args.tools and not args.no_tool_schemas else None
     messages = []
     if stdin.isatty():
         print(f"chatting with {args.source}; /exit or Ctrl-D ends", file=sys.stderr)
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.tools and not args.chat:
         sys.exit("generate: --tools works with --chat only (the tools are run in the chat's tool loop)")
+    if args.no_tool_schemas and not args.tools:
+        sys.exit("generate: --no-tool-schemas works with --tools only")
     if args.json and args.chat:
         sys.exit("generate: --json works with --prompt and --prompts; a chat prints its turns as text")
     try:

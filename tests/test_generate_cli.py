@@ -151,6 +151,11 @@ def test_chat_with_tools_runs_the_calls_and_feeds_the_results_back(hf_dir, loade
     assert out.splitlines() == ['call calculator: {"expression": "2 + 3"}', 'tool calculator: {"result": 5}',
                                 "assistant: The answer is 5."]
     assert seen[0] == render_generation_prompt(tok, [{"role": "user", "content": "What is 2 + 3?"}], SCHEMAS)
+    # --no-tool-schemas: the same loop, with no tools turn in the prompt (models fine-tuned without one).
+    seen.clear()
+    out = _run(capsys, hf_dir, "--chat", "--tools", "--no-tool-schemas", stdin="What is 2 + 3?\n", monkeypatch=monkeypatch).out
+    assert out.splitlines()[-1] == "assistant: The answer is 5."
+    assert seen[0] == render_generation_prompt(tok, [{"role": "user", "content": "What is 2 + 3?"}], None)
 
 
 def test_chat_with_tools_stops_after_max_turns_on_garbage(hf_dir, capsys, monkeypatch):
@@ -189,6 +194,7 @@ def test_errors_name_the_problem(hf_dir, capsys, tmp_path):
     assert "argument --chat: not allowed with argument --prompt" in _fails(capsys, hf_dir, "--prompt", "x", "--chat")
     assert "one of the arguments --prompt --prompts --chat is required" in _fails(capsys, hf_dir)
     assert "--tools works with --chat only" in _fails(capsys, hf_dir, "--prompt", "x", "--tools")
+    assert "--no-tool-schemas works with --tools only" in _fails(capsys, hf_dir, "--chat", "--no-tool-schemas")
     assert "--json works with --prompt and --prompts" in _fails(capsys, hf_dir, "--chat", "--json")
     assert _fails(capsys, hf_dir, "--prompt", "x", "--temperature", -1) == "generate: temperature = -1.0 must be >= 0 (0: greedy)"
     assert "top_p = 1.5 must be in (0, 1]" in _fails(capsys, hf_dir, "--chat", "--top-p", 1.5)
