@@ -396,18 +396,12 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None,
     launch/resume.py). `defaults` (a nested dict of fields, e.g. posttrain.sft's) replaces the
     dataclass defaults of a new run."""
     given = parse_overrides(argv, help)
-    base = saved_run_config(given["out_dir"]) if given.get("resume") and given.get("out_dir") else None
-    if base is None:
-        base = defaults or {}
-        merged = {**base, **given}
-        for section in ("model", "data"):
-            if section in base or section in given:
-                merged[section] = {**base.get(section, {}), **given.get(section, {})}
-        return from_dict(TrainConfig, merged)
+    saved = saved_run_config(given["out_dir"]) if given.get("resume") and given.get("out_dir") else None
+    base = saved if saved is not None else defaults or {}
     merged = {**base, **given}
     for section in ("model", "data"):
         merged[section] = {**base.get(section, {}), **given.get(section, {})}
-    if set(given.get("model", {})) - {"preset"}:
+    if saved is not None and set(given.get("model", {})) - {"preset"}:
         # A model field given on a resume: build what the command asks for, so that the trainer's
         # comparison with the checkpoint refuses it in the same words as any other change.
         merged.pop("resolved_model", None)
@@ -449,7 +443,10 @@ def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:
         flags[section][name] = _parse_value(text, hints[section][name], key)
 
 
+def timestamped_run_dir(label: str) -> str:
+    """$KIMI_MOE_RUNS (default runs)/<label>-<time>: where a command writes when not told."""
+    return os.path.join(os.environ.get("KIMI_MOE_RUNS", "runs"), f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def default_out_dir(cfg: TrainConfig) -> str:
-    root = os.environ.get("KIMI_MOE_RUNS", "runs")
-    label = "sft" if cfg.data.format == "chat" else cfg.model.get("preset", "run")
-    return os.path.join(root, f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return timestamped_run_dir("sft" if cfg.data.format == "chat" else cfg.model.get("preset", "run"))

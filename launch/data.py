@@ -152,9 +152,17 @@ def split_documents(docs: Documents, val_fraction: float) -> tuple[datasets.Data
     if n < 2:
         hint = " (a .txt document is a blank-line-separated paragraph)" if n == 1 else ""
         raise ConfigError(f"{docs.description} holds {n} document{'s' * (n != 1)}{hint}; need >= 2 to hold one out")
+    train, val = split_indices(n, val_fraction)
+    return docs.dataset.select(train), docs.dataset.select(val)
+
+
+def split_indices(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) indices of n >= 2 items: val is round(val_fraction * n) of them, at least
+    one and at most n - 1, fixed for a given n (SPLIT_SEED). Pretraining documents and SFT
+    conversations are held out by this one rule."""
     n_val = min(n - 1, max(1, round(val_fraction * n)))
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    return docs.dataset.select(np.sort(order[n_val:])), docs.dataset.select(np.sort(order[:n_val]))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def _tokenizer(cfg: DataConfig, docs: Documents, train_docs: datasets.Dataset):

@@ -58,7 +58,9 @@ def export_with_tokenizer(model: Transformer, ckpt: Path, hf_dir: str) -> None:
     config it implies) when the run kept one: then `AutoTokenizer` loads the directory too."""
     from moe.hf import export_hf
 
-    saved = ckpt.parent.parent / "tokenizer.json"  # <run>/checkpoints/step_N -> <run>/tokenizer.json
+    from launch.pretrained import run_tokenizer_file
+
+    saved = run_tokenizer_file(ckpt)
     if not saved.is_file():
         print(f"export: {saved} does not exist (a run from before tokenizers were kept with the run); "
               "writing the model without a tokenizer", file=sys.stderr)

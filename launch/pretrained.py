@@ -33,12 +33,16 @@ def _tokenizer(path: Path) -> BPETokenizer | None:
     return BPETokenizer.load(str(path)) if path.is_file() else None
 
 
+def run_tokenizer_file(ckpt: Path) -> Path:
+    """The tokenizer.json a run keeps beside its checkpoints: <run>/checkpoints/step_N -> <run>/tokenizer.json."""
+    return Path(ckpt).parent.parent / "tokenizer.json"
+
+
 def _from_checkpoint(ckpt: Path) -> Pretrained:
     from launch.export import consolidate
 
     model = consolidate(ckpt).eval()
-    # <run>/checkpoints/step_N -> <run>/tokenizer.json
-    return Pretrained(model, _tokenizer(ckpt.parent.parent / "tokenizer.json"), str(ckpt))
+    return Pretrained(model, _tokenizer(run_tokenizer_file(ckpt)), str(ckpt))
 
 
 def load_pretrained(path: str) -> Pretrained:

@@ -237,10 +237,9 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
                 raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
                                   f"nothing left to train; pass --steps above {start_step} to continue it")
 
-        model = Transformer(model_cfg)
-        if init is not None:  # before expert parallelism takes each rank's slice of the experts
-            model.load_state_dict(init.model.state_dict())
-        model = model.to(device)
+        # The source's model itself, not a copy: one model in host memory (expert parallelism then
+        # takes each rank's slice of its experts, as of a fresh one).
+        model = (Transformer(model_cfg) if init is None else init.model.train()).to(device)
         counts = count_parameters(model)
         if info is not None and info.ep_size > 1:
             from launch.expert_parallel import apply_expert_parallel
@@ -367,10 +366,14 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
 
 
 def main(argv: list[str] | None = None, parse=parse_args) -> None:
-    """Parse (`parse(argv) -> TrainConfig`; posttrain.sft brings its own), train, and turn the
-    errors a user can fix into one line and exit status 1."""
+    """Parse (`parse(argv) -> TrainConfig`; posttrain.sft brings its own) and train."""
+    run_cli(lambda: run(parse(argv)))
+
+
+def run_cli(command) -> None:
+    """command(), with the errors a user can fix turned into one line and exit status 1."""
     try:
-        run(parse(argv))
+        command()
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     except checkpoint.CheckpointError as err:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from launch import train
-from launch.config import parse_args
+from launch.config import parse_args, timestamped_run_dir
 from launch.metrics import read_metrics
 from launch.pretrained import load_pretrained
 from moe.config import ConfigError
@@ -122,8 +121,7 @@ def run(args) -> dict:
     for name in ("pretrain_steps", "sft_steps", "train_tasks", "eval_tasks", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
-    root = Path(args.out_dir or os.path.join(os.environ.get("KIMI_MOE_RUNS", "runs"),
-                                             f"tool-demo-{time.strftime('%Y%m%d-%H%M%S')}"))
+    root = Path(args.out_dir or timestamped_run_dir("tool-demo"))
     if root.exists():
         raise ConfigError(f"--out-dir {str(root)!r} exists; the demo writes a new directory (nothing was changed)")
     root.mkdir(parents=True)
@@ -165,14 +163,7 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    except train.checkpoint.CheckpointError as err:
-        sys.exit(f"checkpoint error: {err}")
-    except train.TrainingFailed as err:
-        sys.exit(f"training failed: {err}")
+    train.run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

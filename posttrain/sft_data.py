@@ -14,8 +14,8 @@ next tokens where the mask is 1 and the next token is in the same document, -100
 loss) elsewhere; so the loss covers the assistant's text, calls and closing <|im_end|> only, and the
 model's per-document attention (document_ids_BT) keeps every conversation from seeing another.
 
-Conversations are split into train and validation by `val_fraction`, with the same fixed
-permutation as pretraining documents (launch/data.py's SPLIT_SEED), then packed greedily in file
+Conversations are split into train and validation by `val_fraction` with the rule that holds out
+pretraining documents (launch/data.py's split_indices), then packed greedily in file
 order. A conversation longer than T + 1 tokens is cut to its first T + 1 and counted in `stats`;
 a row left with no assistant token (a cut that kept only the prompt) is dropped, since its loss
 would be 0/0.
@@ -33,17 +33,6 @@ from posttrain.chat import chat_ids, render_conversation
 from posttrain.conversations import ConversationError, load_conversations
 
 TOKENS, MASK, DOCUMENT = range(3)
-
-
-def split_conversations(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, val) indices of n conversations: val is round(val_fraction * n) of them, at least one."""
-    from launch.data import SPLIT_SEED
-
-    if n < 2:
-        raise ConfigError(f"the conversations file holds {n} conversation(s); need >= 2 to hold one out for validation")
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 def pack_conversations(rendered, seq_len: int, pad_id: int) -> tuple[torch.Tensor, dict]:
@@ -86,7 +75,7 @@ def pack_conversations(rendered, seq_len: int, pad_id: int) -> tuple[torch.Tenso
 
 def build_chat_data(cfg, seq_len: int, tokenizer):
     """A launch.data.DataBundle of packed conversation rows from the JSONL file `cfg.path`."""
-    from launch.data import DataBundle
+    from launch.data import DataBundle, split_indices
 
     if cfg.path is None:
         raise ConfigError("data.format = 'chat' needs data.path: a JSONL file of conversations "
@@ -103,10 +92,12 @@ def build_chat_data(cfg, seq_len: int, tokenizer):
         records = load_conversations(cfg.path)
     except (ConversationError, OSError) as err:
         raise ConfigError(f"data.path = {cfg.path!r}: {err}") from None
-    train_index, val_index = split_conversations(len(records), cfg.val_fraction)
+    if len(records) < 2:
+        raise ConfigError(f"{cfg.path} holds {len(records)} conversation(s); need >= 2 to hold one out for validation")
+    train_index, val_index = split_indices(len(records), cfg.val_fraction)
     splits, stats = {}, {"source": cfg.path, "conversations": len(records)}
     for name, index in (("train", train_index), ("val", val_index)):
-        rendered = [render_conversation(tokenizer, records[i]["messages"], records[i].get("tools")) for i in index]
+        rendered = [render_conversation(tokenizer, records[i]["messages"], records[i].get("tools")) for i in index.tolist()]
         rows, counts = pack_conversations(rendered, seq_len, tokenizer.eod_id)
         if len(rows) == 0:
             raise ConfigError(f"the {name} split of {cfg.path} packs into no row with an assistant token; "
