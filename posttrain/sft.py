@@ -18,7 +18,6 @@ Every other field and flag is launch.train's (`--help`), e.g. `--steps 300 --seq
 
 from __future__ import annotations
 
-
 from launch import train
 from launch.config import parse_args
 from moe.config import ConfigError
