@@ -6,6 +6,12 @@ Prompts of different lengths are prefilled in one right-padded call and then dec
 sequence per step through the compressed cache (moe/cache.py); every sequence keeps its own
 positions, so a prompt gives the same tokens in a batch as alone. A sequence ends at its first stop
 token (kept in its output) or after max_new_tokens.
+
+Draws come from one generator per call (`seed`), or, with `sequence_seeds`, from a stream per
+sequence and position: the token at position p of sequence b is drawn with uniforms seeded by
+(sequence_seeds[b], p) alone. A sequence's tokens then do not depend on the batch it is in or on
+where a call stopped: continuing a cut-off sequence (its prompt + the tokens it had) with the same
+seed gives the tokens of one uninterrupted call (RL's partial rollouts, posttrain/rl/rollout.py).
 """
 
 from dataclasses import dataclass
@@ -27,9 +33,22 @@ class Generation:
     routing: list[torch.Tensor] | None = None
 
 
+def position_uniforms(seeds_B: list[int], positions_B: list[int], V: int, device) -> torch.Tensor:
+    """[B, V] uniforms in [0, 1), row b from a CPU generator seeded by (seeds_B[b], positions_B[b]) alone
+    (CPU, so a seed gives the same draws on any device)."""
+    rows = []
+    for seed, position in zip(seeds_B, positions_B):
+        g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) % 2**63)
+        rows.append(torch.rand(V, generator=g))
+    return torch.stack(rows).to(device)
+
+
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+           generator: torch.Generator | None, uniforms_BV: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probabilities [B] under the distribution actually sampled.
+
+    With `uniforms_BV` the draw is argmax(log p + G), G = -log(-log U) Gumbel noise (the Gumbel-max
+    trick: an exact draw from p), so it is a function of those uniforms alone; else torch.multinomial.
 
     temperature 0 is greedy (a point mass: log-probability 0). Otherwise logits / temperature, then
     top-k, then top-p (the smallest set of most likely tokens holding at least p of the mass,
@@ -49,22 +68,29 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p
         drop_BV = (p_BV.cumsum(dim=-1) - p_BV) >= top_p
         logits_BV = logits_BV.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
     logp_BV = logits_BV.log_softmax(dim=-1)
-    token_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(1)
+    if uniforms_BV is not None:
+        token_B = (logp_BV - (-uniforms_BV.log()).log()).argmax(dim=-1)
+    else:
+        token_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(1)
     return token_B, logp_BV.gather(1, token_B[:, None]).squeeze(1)
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(), seed: int | None = None,
-             absorbed: bool = True, return_routing: bool = False) -> Generation:
+             absorbed: bool = True, return_routing: bool = False, sequence_seeds: list[int] | None = None) -> Generation:
     """Continue every prompt by up to max_new_tokens tokens; see Generation for what comes back.
 
     The model runs in eval mode (routers count no load, attention records no max logits) and gets
     its modes back afterwards. `seed` fixes the draws of one call; None draws a fresh seed.
+    `sequence_seeds` (one int per prompt) replaces it with per-sequence, per-position draws (above).
     `absorbed` chooses the attention path (moe/attention.py); both give the same tokens.
     """
     cfg = model.cfg
     _check_request(prompts, max_new_tokens, temperature, top_k, top_p, cfg)
+    if sequence_seeds is not None and (len(sequence_seeds) != len(prompts) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sequence_seeds)):
+        raise ValueError(f"generate: sequence_seeds must be {len(prompts)} non-negative ints, one per prompt")
     weight = model.embed_tokens.weight
     device, B = weight.device, len(prompts)
     lengths = [len(p) for p in prompts]
@@ -92,7 +118,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         steps = []  # per step: (token_B, logprob_B, model_logprob_B)
         done_B = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            token_B, logp_B = sample(logits_BV, temperature, top_k, top_p, generator)
+            uniforms_BV = None
+            if sequence_seeds is not None and temperature > 0:
+                uniforms_BV = position_uniforms(sequence_seeds, [n + step for n in lengths], logits_BV.shape[-1], device)
+            token_B, logp_B = sample(logits_BV, temperature, top_k, top_p, generator, uniforms_BV)
             steps.append((token_B, logp_B, logits_BV.float().log_softmax(-1).gather(1, token_B[:, None]).squeeze(1)))
             done_B |= torch.isin(token_B, stops)
             if step == max_new_tokens - 1 or bool(done_B.all()):

@@ -9,6 +9,9 @@ Packing (SFT): `forward(..., document_ids_BT=...)` marks which document each tok
 to; attention is then block-diagonal causal and RoPE positions restart at 0 with every document, so
 a packed document's logits are those it would get alone. Routing is per token and unaffected; the
 routers' sequence-wise balance loss (moe/router.py) still treats the whole row as one sequence.
+
+Routing replay (RL): `with model.replay_routing(routing_LBTK): model(ids_BT, ...)` sends each token
+to the experts recorded for it (e.g. by moe/generate.py while sampling), -1 where none is recorded.
 """
 
 from contextlib import contextmanager
@@ -159,6 +162,28 @@ class Transformer(nn.Module):
                 x_BTD = block(x_BTD, cos, sin, cache=layer_cache)
         cache.advance(num_new_B)
         return ModelOutput(self.lm_head(self.norm(x_BTD)), routing=routing.ids(B, T))
+
+    @contextmanager
+    def replay_routing(self, routing_LBTK: torch.Tensor | None):
+        """Inside the with-statement, forwards of [B, T] tokens use the expert ids routing_LBTK
+        [L_moe, B, T, K] (int64; a token whose ids are -1 is routed by its router). None: no replay."""
+        routers = self.routers()
+        if routing_LBTK is not None:
+            L, K, E = len(routers), self.cfg.num_experts_per_tok, self.cfg.num_experts
+            if routing_LBTK.ndim != 4 or routing_LBTK.shape[0] != L or routing_LBTK.shape[3] != K:
+                raise ValueError(f"replayed routing has shape {tuple(routing_LBTK.shape)}; need [{L}, B, T, {K}] "
+                                 f"({L} MoE layers, {K} experts per token)")
+            if routing_LBTK.dtype != torch.int64:
+                raise ValueError(f"replayed routing has dtype {routing_LBTK.dtype}; need torch.int64 expert ids")
+            if routing_LBTK.numel() and not (-1 <= int(routing_LBTK.min()) and int(routing_LBTK.max()) < E):
+                raise ValueError(f"replayed routing holds expert ids outside [-1, {E}) (-1: not recorded)")
+        try:
+            for layer, router in enumerate(routers):
+                router.replay_ids_NK = None if routing_LBTK is None else routing_LBTK[layer].reshape(-1, routing_LBTK.shape[3])
+            yield
+        finally:
+            for router in routers:
+                router.replay_ids_NK = None
 
     @contextmanager
     def _capture_routing(self, enabled: bool):

@@ -9,6 +9,11 @@ N = B*T tokens, D hidden, E routed experts, K experts per token.
 - gate weights use the *unbiased* s of the chosen experts, normalised to sum to 1 and multiplied by
   the routed scaling factor;
 - the sequence-wise balance loss (eq. 17-20) is alpha * sum_i f_i P_i per sequence, averaged.
+
+Routing replay (RL, the R3 idea of arXiv 2510.11370): while `replay_ids_NK` is set, a token whose
+row holds expert ids (>= 0) goes to exactly those experts instead of its top-k, and its gate weights
+are the scores of those experts, so the gradient flows through the experts that produced a sampled
+token; a row of -1 routes as usual. Set and cleared by Transformer.replay_routing.
 """
 
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         # Assignments per expert since the last bias update: what the update and the logs read.
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.replay_ids_NK: torch.Tensor | None = None  # int64 [N, K] of the next forward, -1 rows route freely
 
     def forward(self, x_BTD: torch.Tensor) -> Routing:
         B, T, D = x_BTD.shape
@@ -48,6 +54,12 @@ class Router(nn.Module):
         scores_NE = logits_NE.sigmoid() if self.score_func == "sigmoid" else logits_NE.softmax(dim=-1)
         with torch.no_grad():
             topk_ids_NK = torch.topk(scores_NE + self.e_score_correction_bias, self.top_k, dim=-1).indices
+            if self.replay_ids_NK is not None:
+                if self.replay_ids_NK.shape != topk_ids_NK.shape:
+                    raise ValueError(f"replayed routing has shape {tuple(self.replay_ids_NK.shape)} but this forward "
+                                     f"routes {tuple(topk_ids_NK.shape)} (tokens, experts per token)")
+                forced_N1 = self.replay_ids_NK[:, :1] >= 0
+                topk_ids_NK = torch.where(forced_N1, self.replay_ids_NK.to(topk_ids_NK.device), topk_ids_NK)
         weights_NK = scores_NE.gather(1, topk_ids_NK)
         weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling
         if self.training:

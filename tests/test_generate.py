@@ -311,3 +311,33 @@ def test_bad_calls_are_refused_with_the_numbers():
         generate(model, [[]], 4)
     with pytest.raises(ValueError, match="top_p = 0 must be in"):
         generate(model, [[1]], 4, temperature=1.0, top_p=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.8, top_k=5), dict(temperature=1.0, top_p=0.9)])
+def test_sequence_seeds_make_a_cut_off_sequence_continue_as_one_uninterrupted_call(kwargs):
+    model = _model()
+    seeds = [101, 202, 303]
+    whole = generate(model, PROMPTS, 24, sequence_seeds=seeds, **kwargs)
+    assert whole == generate(model, PROMPTS, 24, sequence_seeds=seeds, **kwargs)
+    assert whole.tokens != generate(model, PROMPTS, 24, sequence_seeds=[1, 2, 3], **kwargs).tokens
+    # Cut after 9 tokens, then continue each from its prompt + what it had: the same 24 tokens.
+    first = generate(model, PROMPTS, 9, sequence_seeds=seeds, **kwargs)
+    rest = generate(model, [p + t for p, t in zip(PROMPTS, first.tokens)], 15, sequence_seeds=seeds, **kwargs)
+    assert [a + b for a, b in zip(first.tokens, rest.tokens)] == whole.tokens
+    for b in range(len(PROMPTS)):
+        joined = first.model_logprobs[b] + rest.model_logprobs[b]
+        assert max(abs(x - y) for x, y in zip(joined, whole.model_logprobs[b])) < ATOL
+    # A sequence's tokens do not depend on its batch: alone, or second in another batch.
+    alone = generate(model, PROMPTS[1:2], 24, sequence_seeds=seeds[1:2], **kwargs)
+    assert alone.tokens[0] == whole.tokens[1]
+
+
+def test_gumbel_max_draws_tokens_with_the_probabilities_it_reports():
+    logits_V = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, 0.0])
+    n = 40_000
+    uniforms = torch.rand(n, 6, generator=torch.Generator().manual_seed(5))
+    token_B, logp_B = sample(logits_V.expand(n, -1), 1.0, None, None, None, uniforms)
+    expected = logits_V.double().softmax(-1)
+    counts = torch.bincount(token_B, minlength=6).double() / n
+    assert (counts - expected).abs().max() < 0.01, (counts.tolist(), expected.tolist())
+    assert torch.allclose(logp_B.double(), expected[token_B].log(), atol=1e-6)
