@@ -113,9 +113,10 @@ def append_history(out: Path, record: dict) -> int:
     return attempt
 
 
-def supersede_metrics(out: Path, start_step: int) -> int:
+def supersede_metrics(out: Path, start_step: int, key: str = "step") -> int:
     """Move the records of steps a resume from `start_step` redoes (every step after it; from step 0,
-    all) out of metrics.jsonl into metrics.superseded.jsonl. Returns how many moved."""
+    all) out of metrics.jsonl into metrics.superseded.jsonl. Returns how many moved. `key` names
+    the record's step counter (an RL run counts iterations)."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return 0
@@ -124,7 +125,7 @@ def supersede_metrics(out: Path, start_step: int) -> int:
         if not line.strip():
             continue
         try:
-            step = json.loads(line).get("step", 0)
+            step = json.loads(line).get(key, 0)
         except ValueError:
             step = None  # a torn last line of a killed attempt: not a record anyone can read
         (keep if step is not None and step <= start_step and start_step > 0 else moved).append(line)

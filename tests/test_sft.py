@@ -25,16 +25,14 @@ from posttrain.sft_data import DOCUMENT, MASK, TOKENS, pack_conversations
 from posttrain.tasks import make_tasks, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from harness import torchrun  # noqa: E402
+from harness import tiny_chat_base_flags, torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A seconds-long pretraining run of the tiny preset with a BPE that has the chat tokens."""
     root = tmp_path_factory.mktemp("sft")
-    run(sft.parse_args(["--model", "tiny", "--data.vocab_size", "400", "--data.max_bytes", "300000",
-                        "--data.cache_dir", str(root / "cache"), "--seq-len", "64", "--micro-batch-size", "8",
-                        "--steps", "10", "--eval-every", "10", "--eval-batches", "1", "--out-dir", str(root / "base")]))
+    run(sft.parse_args(tiny_chat_base_flags(root, root / "base")))
     traces = root / "traces.jsonl"
     write_jsonl(make_tasks(120, 0, "single", declare_tools=False) + make_tasks(40, 0, "multi", declare_tools=False),
                 traces)

@@ -21,6 +21,13 @@ def tiny_train_flags(tmp_path: Path, out: Path, micro_batch_size: int = 4) -> li
             "--micro-batch-size", str(micro_batch_size), "--out-dir", str(out)]
 
 
+def tiny_chat_base_flags(root: Path, out: Path) -> list[str]:
+    """`launch.train` flags for a seconds-long pretraining run of the tiny preset whose BPE has the chat tokens."""
+    return ["--model", "tiny", "--data.vocab_size", "400", "--data.max_bytes", "300000",
+            "--data.cache_dir", str(root / "cache"), "--seq-len", "64", "--micro-batch-size", "8",
+            "--steps", "10", "--eval-every", "10", "--eval-batches", "1", "--out-dir", str(out)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,504 @@
+"""RL on verifiable rewards: `python -m posttrain.rl --init-from SFT_RUN` (console script `kimi-rl`).
+
+One iteration (Kimi k1.5 §2.3):
+  1. draw       prompts from the task's pool: curriculum by difficulty, problem i drawn with
+                probability proportional to 1 - s_i, its success rate so far (prompt_pool.py)
+  2. sample     k responses per prompt with the model's own sampler (moe.generate: batched, MLA's
+                compressed cache, per-token log-probabilities and experts kept); with partial
+                rollouts, unfinished responses wait for the next iteration (rollout.py)
+  3. score      the task's verifier; rewards shaped by the length penalty, truncation and loop
+                penalties (rewards.py); the pool learns each problem's success rate
+  4. reference  log-probabilities of the samples under the policy pi_i this iteration starts from
+                (no copy of the model: it is the policy before this iteration's steps)
+  5. train      steps_per_iteration optimizer steps on the objective (objectives.py: k15, grpo), by
+                the registry's optimizer (MuonClip by default), with routing replay: the training
+                forward uses the experts each token was sampled through; plus an optional PTX loss
+
+Logged per iteration (metrics.jsonl): reward, accuracy and response length of the samples, held-out
+accuracy every eval_every iterations (greedy), KL(pi_i || pi_i+1) on the samples (k3 estimator),
+the per-token |log p| mismatch between sampling and training, with the routing replayed and without,
+sampling and training seconds.
+
+Processes: under torchrun every rank holds the whole state (pool, buffer of partial rollouts), samples
+the groups whose slot is its rank modulo the world size, and shares what it sampled; each rank then
+trains on its share of the finished groups and the gradients are summed over ranks, weighted so a
+step's gradient is the mean over every sample of the iteration: the same step as one process taking
+the whole batch. The model is replicated (no ZeRO, no expert parallelism here: sampling would then be
+a collective per decoding step), which fits every preset a CPU or one GPU node holds.
+
+Checkpoints (launch/checkpoint.py: safetensors + JSON, digests, latest pointer) hold the model, the
+optimizer, the pool's statistics and RNG, the buffer of unfinished rollouts and the iteration;
+`--resume --out-dir RUN` continues exactly. `launch.export`, `posttrain.generate` and `--init-from`
+read an RL run like any other run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import optim
+from launch import checkpoint, run_dir
+from launch.config import timestamped_run_dir
+from launch.distributed import DistInfo, init_distributed, launched
+from launch.engine import StepResult, finish_step
+from launch.metrics import MetricsLog
+from launch.pretrained import load_pretrained
+from launch.tokenizer import BPETokenizer, save_run_tokenizer
+from launch.train import autocast, on_main, pick_device, run_cli
+from moe.config import ConfigError, ModelConfig
+from moe.model import Transformer
+from posttrain.chat import render_generation_prompt
+from posttrain.policy import chat_stops, generate_batched
+from posttrain.rl import objectives
+from posttrain.rl.config import RLConfig, parse
+from posttrain.rl.prompt_pool import PromptPool
+from posttrain.rl.rewards import shape_rewards
+from posttrain.rl.rollout import Group, GrowSettings, grow, new_group
+from posttrain.rl.tasks import build_task
+
+# Fields a resume may change: how long, how often to evaluate and save, how many checkpoints to keep.
+FREE = {"iterations", "eval_every", "checkpoint_every", "keep_checkpoints", "dist_timeout_s", "device", "resume", "out_dir"}
+
+
+def _world(info: DistInfo | None) -> tuple[int, int]:
+    return (0, 1) if info is None else (info.rank, info.world_size)
+
+
+class Rows:
+    """Training rows of some finished samples, packed into one row of N tokens without padding.
+
+    Sample i is one document of the row (per-document attention, RoPE from 0: moe/model.py), its
+    inputs prompt + response[:-1] and its targets the next tokens. Packing leaves no padding token
+    to be routed, so the routers' load counts (and the bias update) see only real tokens, whichever
+    samples share a micro-batch: that is what makes 2 processes count what 1 process counts.
+    The objectives read per-sample [S, T] tensors: index_ST maps them into the row (mask_ST True on
+    the response's targets); routing_L1NK holds the recorded experts of every input, if recorded.
+    """
+
+    def __init__(self, groups: list[Group], device):
+        samples = [s for g in groups for s in g.samples]
+        S, T = len(samples), max(len(s.tokens) for s in samples)
+        inputs, targets, documents, routing = [], [], [], []
+        self.index_ST = torch.zeros(S, T, dtype=torch.int64)
+        self.mask_ST = torch.zeros(S, T, dtype=torch.bool)
+        self.sample_logp_ST = torch.zeros(S, T)
+        for i, s in enumerate(samples):
+            seq, P, n = s.prompt + s.tokens, len(s.prompt), len(s.tokens)
+            start = len(inputs)
+            inputs += seq[:-1]
+            targets += seq[1:]
+            documents += [i] * (len(seq) - 1)
+            # The response's targets sit at the inputs P-1 .. P+n-2 of this document.
+            self.index_ST[i, :n] = torch.arange(start + P - 1, start + P - 1 + n)
+            self.mask_ST[i, :n] = True
+            self.sample_logp_ST[i, :n] = torch.tensor(s.logprobs)
+            routing.append(s.routing)
+        self.inputs_1N = torch.tensor([inputs], device=device)
+        self.targets_1N = torch.tensor([targets], device=device)
+        self.documents_1N = torch.tensor([documents], device=device)
+        self.routing_L1NK = None if routing[0] is None else torch.cat(routing, dim=1)[:, None].to(device)
+        self.groups_S = torch.tensor([j for j, g in enumerate(groups) for _ in g.samples], device=device)
+        self.index_ST, self.mask_ST, self.sample_logp_ST = (t.to(device) for t in (self.index_ST, self.mask_ST,
+                                                                                    self.sample_logp_ST))
+
+
+def token_logprobs(model: Transformer, rows: Rows, replay: bool) -> torch.Tensor:
+    """log p [S, T] of each response token under the model (temperature 1), through the recorded experts
+    if `replay`. bf16 autocast on a GPU (fp32 weights), as pre-training on one GPU; fp32 on CPU."""
+    with model.replay_routing(rows.routing_L1NK if replay else None), autocast(rows.inputs_1N.device):
+        logits_1NV = model(rows.inputs_1N, document_ids_BT=rows.documents_1N).logits
+    logp_N = logits_1NV[0].float().log_softmax(-1).gather(1, rows.targets_1N[0, :, None]).squeeze(1)
+    return logp_N[rows.index_ST]
+
+
+@torch.no_grad()
+def eval_logprobs(model: Transformer, rows: Rows, replay: bool) -> torch.Tensor:
+    """token_logprobs in eval mode: routers count no load and attention records no logits."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return token_logprobs(model, rows, replay)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def masked_mean(values_ST: torch.Tensor, mask_ST: torch.Tensor) -> float:
+    return float((values_ST * mask_ST).sum() / mask_ST.sum().clamp_min(1))
+
+
+def all_reduce_gradients(model: Transformer) -> None:
+    """Sum every parameter's gradient over ranks in one collective (a rank's unused expert: zeros)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+class Trainer:
+    def __init__(self, cfg: RLConfig, model: Transformer, tokenizer, info: DistInfo | None, device):
+        self.cfg, self.model, self.tokenizer, self.info, self.device = cfg, model, tokenizer, info, device
+        self.rank, self.world = _world(info)
+        self.task = build_task(cfg.task, cfg.task_args, cfg.train_problems, cfg.eval_problems, cfg.seed)
+        self.prompts = [self.prompt(p) for p in self.task.train]
+        self.heldout_prompts = [self.prompt(p) for p in self.task.heldout]
+        longest = max(map(len, self.prompts + self.heldout_prompts))
+        if longest + cfg.max_response_tokens > model.cfg.max_seq_len:
+            raise ConfigError(f"max_response_tokens = {cfg.max_response_tokens} + the longest prompt ({longest} tokens) "
+                              f"exceed the model's max_seq_len = {model.cfg.max_seq_len}")
+        self.stops = chat_stops(tokenizer)
+        self.pool = PromptPool([p["difficulty"] for p in self.task.train], cfg.seed, cfg.promote_at, cfg.min_trials)
+        self.buffer: list[tuple[int, Group]] = []  # (slot, group) in flight: unfinished, or waiting to be trained
+        self.next_slot = 0
+        self.objective = objectives.build(cfg.objective, **cfg.objective_args)
+        self.optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+        self.ptx = self._ptx_batches() if cfg.ptx_weight > 0 else None
+
+    def prompt(self, problem: dict) -> list[int]:
+        return render_generation_prompt(self.tokenizer, [{"role": "user", "content": problem["prompt"]}])
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t not in self.stops])
+
+    def _ptx_batches(self):
+        from launch.data import DataConfig, TrainBatches, build_data
+
+        data = build_data(DataConfig(path=self.cfg.ptx_data), self.cfg.ptx_seq_len, self.tokenizer)
+        return TrainBatches(data.train, self.cfg.ptx_batch, seed=self.cfg.seed, rank=self.rank, world_size=self.world)
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "pool": self.pool.state_dict(), "buffer": [[slot, g.state()] for slot, g in self.buffer],
+                 "next_slot": self.next_slot, "rng": checkpoint.rng_state()}
+        if self.ptx is not None:
+            state["ptx"] = self.ptx.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pool.load_state_dict(state["pool"])
+        self.buffer = [(slot, Group.from_state(g)) for slot, g in state["buffer"]]
+        self.next_slot = state["next_slot"]
+        checkpoint.set_rng_state(state["rng"])
+        if self.ptx is not None:
+            self.ptx.load_state_dict(state["ptx"])
+
+    # ------------------------------------------------------------ one iteration
+
+    def fill(self) -> None:
+        """New groups up to prompts_per_iteration in flight; slot s samples with seeds from (seed, s)."""
+        k, missing = self.cfg.samples_per_prompt, self.cfg.prompts_per_iteration - len(self.buffer)
+        for problem in self.pool.draw(missing) if missing > 0 else []:
+            seed = (self.cfg.seed * 1_000_003 + self.next_slot) * k
+            self.buffer.append((self.next_slot, new_group(problem, self.prompts[problem], k, seed)))
+            self.next_slot += 1
+
+    def sample(self, iteration: int) -> int:
+        """Grow this rank's unfinished groups, then share them: every rank ends with the whole buffer."""
+        cfg = self.cfg
+        settings = GrowSettings(
+            budget=cfg.max_response_tokens, segment=cfg.partial_rollout_tokens or cfg.max_response_tokens,
+            temperature=cfg.temperature_at(iteration), top_p=None if cfg.top_p == 1 else cfg.top_p,
+            stop_tokens=self.stops, loop_period=cfg.loop_period, loop_repeats=cfg.loop_repeats,
+            record_routing=cfg.routing_replay, batch_size=cfg.sample_batch_size)
+        mine = [(slot, g) for slot, g in self.buffer if slot % self.world == self.rank and not g.finished]
+        with autocast(self.device):  # the precision the training forward runs in
+            drawn = grow(self.model, [s for _, g in mine for s in g.samples], settings)
+        if self.world > 1:
+            shared = [None] * self.world
+            dist.all_gather_object(shared, ({slot: g.state() for slot, g in mine}, drawn))
+            grown = {slot: Group.from_state(state) for part, _ in shared for slot, state in part.items()}
+            self.buffer = [(slot, grown.get(slot, g)) for slot, g in self.buffer]
+            drawn = sum(n for _, n in shared)
+        return drawn
+
+    def score(self, groups: list[Group], iteration: int) -> dict:
+        """Rewards into each sample (s.reward), success statistics into the pool; the iteration's figures."""
+        cfg = self.cfg
+        length_weight = cfg.length_penalty if iteration >= cfg.length_penalty_after else 0.0
+        correct_all, lengths, correct_lengths, finishes, rewards = [], [], [], [], []
+        by_difficulty: dict[str, list[int]] = {}  # lengths of the correct samples per difficulty
+        for g in groups:
+            problem = self.task.train[g.problem]
+            verdicts = [self.task.verify(problem, self.text(s.tokens)) for s in g.samples]
+            correct = [v[0] == 1.0 and s.finish == "stop" for v, s in zip(verdicts, g.samples)]
+            shaped = shape_rewards(correct, [len(s.tokens) for s in g.samples], [s.finish for s in g.samples],
+                                   length_weight=length_weight, truncation_penalty=cfg.truncation_penalty,
+                                   repetition_penalty=cfg.repetition_penalty)
+            for s, r, (_, reason) in zip(g.samples, shaped, verdicts):
+                s.reward, s.reason = r, reason
+            self.pool.update(g.problem, float(sum(correct)), len(correct))
+            correct_all += correct
+            lengths += [len(s.tokens) for s in g.samples]
+            correct_lengths += [len(s.tokens) for s, c in zip(g.samples, correct) if c]
+            by_difficulty.setdefault(str(problem["difficulty"]), []).extend(
+                len(s.tokens) for s, c in zip(g.samples, correct) if c)
+            finishes += [s.finish for s in g.samples]
+            rewards += shaped
+        n = len(lengths)
+        return {"reward": sum(rewards) / n, "accuracy": sum(correct_all) / n, "response_tokens": sum(lengths) / n,
+                "correct_response_tokens": sum(correct_lengths) / len(correct_lengths) if correct_lengths else None,
+                "correct_tokens_by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_difficulty.items()) if v},
+                "truncated": finishes.count("length") / n, "loops": finishes.count("repeat") / n,
+                "samples": n, "length_weight": length_weight}
+
+    def train(self, groups: list[Group], total_samples: int) -> dict:
+        """steps_per_iteration optimizer steps on this rank's `groups` (all ranks together: the iteration's
+        total_samples samples); returns the figures of the last step and the mismatch/KL estimates."""
+        cfg, model = self.cfg, self.model
+        chunks = [groups[i : i + cfg.micro_batch_groups] for i in range(0, len(groups), cfg.micro_batch_groups)]
+        micro = [Rows(c, self.device) for c in chunks]
+        # The reference pi_i is the policy now, before this iteration's steps.
+        refs = [eval_logprobs(model, rows, cfg.routing_replay) for rows in micro]
+        rewards = [torch.tensor([s.reward for g in c for s in g.samples], device=self.device) for c in chunks]
+        figures = {"mismatch": self._mean_over(micro, [(r - rows.sample_logp_ST).abs() for r, rows in zip(refs, micro)])}
+        if cfg.routing_replay:  # the same samples through the experts the training weights would choose
+            free = [eval_logprobs(model, rows, False) for rows in micro]
+            figures["mismatch_without_replay"] = self._mean_over(micro, [(f - rows.sample_logp_ST).abs()
+                                                                         for f, rows in zip(free, micro)])
+        for _ in range(cfg.steps_per_iteration):
+            metrics: dict[str, float] = {}
+            for rows, ref, reward in zip(micro, refs, rewards):
+                logp = token_logprobs(model, rows, cfg.routing_replay)
+                loss, m = self.objective(objectives.PolicyBatch(logp, ref, rows.mask_ST, reward, rows.groups_S))
+                weight = rows.mask_ST.shape[0] / total_samples
+                (loss * weight).backward()
+                for key, value in m.items():
+                    metrics[key] = metrics.get(key, 0.0) + value * weight
+            if self.ptx is not None:
+                inputs, targets = (t.to(self.device) for t in next(self.ptx))
+                with autocast(self.device):
+                    ptx_loss = model(inputs, targets).lm_loss
+                (ptx_loss * cfg.ptx_weight / self.world).backward()
+                metrics["ptx_loss"] = ptx_loss.item()
+            result = self.step()
+            metrics["grad_norm"] = result.grad_norm
+            if not result.applied:
+                metrics["skipped"] = True
+        if self.world > 1:  # the objective's figures are sums of per-rank shares: make them global
+            keys = sorted(k for k in metrics if k not in ("grad_norm", "skipped"))
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(values)
+            metrics.update(zip(keys, values.tolist()))
+        after = [eval_logprobs(model, rows, cfg.routing_replay) for rows in micro]
+        delta = [ref - a for ref, a in zip(refs, after)]
+        figures["kl"] = self._mean_over(micro, [d.exp() - 1 - d for d in [-x for x in delta]])
+        max_logits = getattr(self.optimizer, "last_max_logits_LH", None)
+        if max_logits is not None:
+            figures["max_logit"] = max_logits.max().item()
+        return {**metrics, **figures}
+
+    def _mean_over(self, micro: list[Rows], values: list[torch.Tensor]) -> float:
+        """Mean over every masked token of every rank."""
+        total = torch.tensor([sum(float((v * r.mask_ST).sum()) for v, r in zip(values, micro)),
+                              sum(float(r.mask_ST.sum()) for r in micro)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1].clamp_min(1))
+
+    def step(self) -> StepResult:
+        if self.world > 1:
+            all_reduce_gradients(self.model)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result = StepResult(norm, applied)
+        finish_step(self.model, result)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy responses to the held-out problems: accuracy, and mean length overall and when right."""
+        with autocast(self.device):
+            out = generate_batched(self.model, self.heldout_prompts, self.cfg.max_response_tokens,
+                                   self.cfg.sample_batch_size, self.stops)
+        texts = [self.text(t) for t in out.tokens]
+        verdicts = [self.task.verify(p, t) for p, t in zip(self.task.heldout, texts)]
+        right = [len(t) for t, (r, _) in zip(out.tokens, verdicts) if r == 1.0]
+        by_difficulty: dict[str, list[float]] = {}
+        for problem, (reward, _) in zip(self.task.heldout, verdicts):
+            by_difficulty.setdefault(str(problem["difficulty"]), []).append(reward)
+        return {"heldout_accuracy": len(right) / len(texts),
+                "heldout_by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_difficulty.items())},
+                "heldout_tokens": sum(map(len, out.tokens)) / len(texts),
+                "heldout_correct_tokens": sum(right) / len(right) if right else None}
+
+    def iterate(self, iteration: int) -> dict:
+        t0 = time.perf_counter()
+        self.fill()
+        drawn = self.sample(iteration)
+        t1 = time.perf_counter()
+        record = {"iteration": iteration + 1, "temperature": self.cfg.temperature_at(iteration),
+                  "level": self.pool.level, "tokens_sampled": drawn, "sample_s": round(t1 - t0, 3)}
+        done = [(slot, g) for slot, g in self.buffer if g.finished]
+        # Every rank must take part in each step's collectives: with fewer finished groups than
+        # ranks they wait (in the buffer) for the next iteration.
+        if len(done) < self.world:
+            record.update({"groups_trained": 0, "waiting": len(self.buffer)})
+            return record
+        self.buffer = [(slot, g) for slot, g in self.buffer if not g.finished]
+        groups = [g for _, g in done]
+        record.update(self.score(groups, iteration))
+        total = sum(len(g.samples) for g in groups)
+        record.update(self.train(groups[self.rank :: self.world], total))
+        record.update({"groups_trained": len(groups), "waiting": len(self.buffer),
+                       "train_s": round(time.perf_counter() - t1, 3)})
+        record["level"] = self.pool.level
+        return record
+
+
+def _check_resume(saved: dict, cfg: RLConfig) -> dict:
+    """The fields this resume changes; ConfigError naming every field it may not change."""
+    new = cfg.to_dict()
+    changed = {k: (saved.get(k), new[k]) for k in new if saved.get(k) != new[k]}
+    refused = [f"{k}: the run has {a!r}, this command gives {b!r}" for k, (a, b) in changed.items() if k not in FREE]
+    if refused:
+        raise ConfigError("this command cannot resume the run: " + "; ".join(refused) + ". Fields a resume may "
+                          "change: " + ", ".join(sorted(FREE - {"resume", "out_dir"})))
+    return {k: v for k, v in changed.items() if k not in ("resume", "out_dir")}
+
+
+def _open_run(out: Path, cfg: RLConfig) -> dict:
+    """Rank 0: lock the run directory; the checkpoint to resume from (None: a fresh start)."""
+    resuming = run_dir.check_usable(out, cfg.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.RunLock(out)
+    lock.acquire()
+    ckpt = None
+    if resuming:
+        found, _ = checkpoint.find_resumable(out / "checkpoints", {}, log=lambda m: print(m, file=sys.stderr))
+        ckpt = None if found is None else str(found)
+    return {"ckpt": ckpt, "lock": lock}
+
+
+def run(cfg: RLConfig) -> dict:
+    """Train as configured; returns the summary also written to summary.json."""
+    try:
+        optim.check(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+        objectives.check(cfg.objective, **cfg.objective_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    device = pick_device(cfg.device)
+    info = None
+    if launched():
+        info = init_distributed(device, 1, cfg.dist_timeout_s)
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+    rank, world = _world(info)
+    out = Path(on_main(info, lambda: cfg.out_dir or timestamped_run_dir("rl")))
+    cfg.out_dir = str(out)
+    opened = {}
+
+    def open_run():
+        opened.update(_open_run(out, cfg))
+        return opened["ckpt"]
+
+    ckpt = on_main(info, open_run)
+    try:
+        return _run(cfg, info, device, out, ckpt)
+    finally:
+        if "lock" in opened:
+            opened["lock"].release()
+
+
+def _run(cfg: RLConfig, info, device, out: Path, ckpt: str | None) -> dict:
+    rank, world = _world(info)
+    is_main = rank == 0
+    start, changes = 0, {}
+    if ckpt is not None:
+        manifest = checkpoint.read_manifest(Path(ckpt))
+        changes = _check_resume(manifest["train_config"], cfg)
+        model = Transformer(ModelConfig(**manifest["model_config"]))
+        tokenizer = BPETokenizer.load(str(out / "tokenizer.json"))
+        start = manifest["step"]
+        if start >= cfg.iterations:
+            raise ConfigError(f"iterations = {cfg.iterations}, but the run's newest checkpoint is at iteration {start}: "
+                              f"nothing left to do; pass --iterations above {start} to continue it")
+    else:
+        init = load_pretrained(cfg.init_from)
+        if init.tokenizer is None:
+            raise ConfigError(f"init_from = {cfg.init_from!r}: {init.source} kept no tokenizer.json, so its token "
+                              "ids cannot be read")
+        model, tokenizer = init.model, init.tokenizer
+    model = model.train().to(device)
+    trainer = Trainer(cfg, model, tokenizer, info, device)
+    if ckpt is not None:
+        trainer.load_state_dict(checkpoint.load(Path(ckpt), rank=0))  # every rank's state is the same
+    config = cfg.to_dict()
+    if is_main:
+        if ckpt is None:
+            run_dir.mark(out)
+        # Records past the checkpoint (or all, starting over) are of iterations this attempt redoes.
+        superseded = run_dir.supersede_metrics(out, start, key="iteration") if cfg.resume else 0
+        run_dir.write_config(out, config)
+        run_dir.append_history(out, {"start_iteration": start, "checkpoint": ckpt, "changed": changes,
+                                     "superseded_metrics": superseded, "command": sys.argv, "config": config})
+        save_run_tokenizer(tokenizer, str(out))
+        print(f"RL from {cfg.init_from}: {cfg.objective}, {cfg.samples_per_prompt} samples x "
+              f"{cfg.prompts_per_iteration} prompts per iteration on {world} x {device.type}; writing {out}"
+              + (f"; resuming at iteration {start}" if ckpt else ""), file=sys.stderr)
+    log = MetricsLog(out / "metrics.jsonl") if is_main else None
+    meta = {"kind": "rl", "model_config": dataclasses.asdict(model.cfg), "train_config": config}
+    t_start = time.perf_counter()
+    first = last_eval = None
+    if start == 0 and is_main:
+        first = last_eval = trainer.evaluate()
+        log.write({"iteration": 0, **first})
+        print(f"iteration 0: held-out accuracy {first['heldout_accuracy']:.1%}", file=sys.stderr)
+    for iteration in range(start, cfg.iterations):
+        record = trainer.iterate(iteration)
+        done = iteration + 1
+        if is_main and (done % cfg.eval_every == 0 or done == cfg.iterations):
+            last_eval = trainer.evaluate()
+            record.update(last_eval)
+        if log:
+            log.write(record)
+            print(_progress(record), file=sys.stderr)
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.iterations:
+            checkpoint.save(out / "checkpoints", done, trainer.state_dict(), meta, keep=cfg.keep_checkpoints)
+    summary = {"status": "ok", "objective": cfg.objective, "iterations": cfg.iterations, "start_iteration": start,
+               "first_heldout": first, "final_heldout": last_eval, "wall_s": round(time.perf_counter() - t_start, 1),
+               "world_size": world, "device": str(device), "out_dir": str(out), "init_from": cfg.init_from,
+               "last_checkpoint": checkpoint.latest(out / "checkpoints")}
+    if log:
+        log.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from posttrain.rl.plots import plot_run
+
+        plot_run(out / "metrics.jsonl", out / "rl.png", title=f"{cfg.objective} from {cfg.init_from}")
+    return summary
+
+
+def _progress(r: dict) -> str:
+    parts = [f"iteration {r['iteration']}"]
+    for key, fmt in (("reward", "{:.3f}"), ("accuracy", "{:.1%}"), ("response_tokens", "{:.1f}"), ("kl", "{:.2e}"),
+                     ("heldout_accuracy", "{:.1%}"), ("sample_s", "{:.1f}s"), ("train_s", "{:.1f}s")):
+        if r.get(key) is not None:
+            parts.append(f"{key} " + fmt.format(r[key]))
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: run(parse(argv)))
+
+
+if __name__ == "__main__":
+    main()
