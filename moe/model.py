@@ -94,7 +94,8 @@ class Transformer(nn.Module):
         if document_ids_BT is not None:
             _check_document_ids(document_ids_BT, input_ids_BT)
         T, V = input_ids_BT.shape[1], self.cfg.vocab_size
-        if T > self.cfg.max_seq_len:
+        # max_seq_len bounds RoPE positions: a packed row may be longer, its documents may not.
+        if document_ids_BT is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len = {self.cfg.max_seq_len}")
         # Out-of-range ids would otherwise surface as an opaque index error (or a device assert).
         if input_ids_BT.device.type != "meta" and (bad := _outside(input_ids_BT, V)) is not None:
@@ -107,6 +108,9 @@ class Transformer(nn.Module):
             visible_B1TT = None  # plain causal: MLA keeps SDPA's is_causal kernels
         else:
             positions_BT, visible_B1TT = _packing(document_ids_BT)
+            if positions_BT.device.type != "meta" and (longest := int(positions_BT.max()) + 1) > self.cfg.max_seq_len:
+                raise ValueError(f"a packed document of {longest} tokens exceeds ModelConfig.max_seq_len = "
+                                 f"{self.cfg.max_seq_len}")
             cos, sin = (t.view(*positions_BT.shape, -1).unsqueeze(1)  # [B, 1, T, R/2]
                         for t in rope_cos_sin(positions_BT.reshape(-1), R, theta, x_BTD.dtype))
         for block in self.layers:

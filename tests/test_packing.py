@@ -196,3 +196,18 @@ def test_bad_document_ids_are_refused(document_ids, message):
     ids_BT, _ = _packed(LENGTHS, model.cfg.vocab_size)
     with pytest.raises(ValueError, match=message):
         model(ids_BT, document_ids_BT=document_ids)
+
+
+def test_a_packed_row_may_exceed_max_seq_len_but_not_one_of_its_documents():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", max_seq_len=16)).eval()
+    ids = torch.randint(0, 512, (1, 40))
+    docs = torch.arange(40).div(10, rounding_mode="floor")[None]  # 4 documents of 10 tokens
+    with torch.no_grad():
+        packed = model(ids, document_ids_BT=docs).logits
+        alone = model(ids[:, 10:20]).logits
+    assert torch.allclose(packed[:, 10:20], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence length 40 exceeds"):
+        model(ids)
+    with pytest.raises(ValueError, match="packed document of 20 tokens"):
+        model(ids, document_ids_BT=torch.arange(40).div(20, rounding_mode="floor")[None])
