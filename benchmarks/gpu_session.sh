@@ -6,6 +6,8 @@
 #   optim   the optimizer-step benchmark (k2-2b: Muon's Newton-Schulz, QK-clip's re-measure)
 #   grid    the kernel benchmark's full grid
 #   profile Nsight Compute on one tuned forward+backward at the target shape (where the time goes)
+#   decode  decode speed of k2-2b from the compressed cache (benchmarks/decode_bench.py)
+#   rl      one RL iteration of small and k2-2b: sampling tokens/s, sampling vs training share
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: tests target optim)
 # Each step's log and JSON go to $OUT when it is set (the device tool's folder, which brings back
 # eight files at most), else to benchmarks/gpu-run/.
@@ -40,6 +42,10 @@ for s in $steps; do
                      --section SpeedOfLight --section Occupancy --section LaunchStats \
                      --section WarpStateStats --section MemoryWorkloadAnalysis \
                      python -m kernels.profile ;;
-        *) echo "unknown step '$s' (tests, target, optim, grid, profile)" >&2; exit 2 ;;
+        decode) step decode python benchmarks/decode_bench.py --preset k2-2b --out "$out/decode-cuda.json" ;;
+        rl) step rl_small python benchmarks/rl_bench.py --preset small --out "$out/rl-small-cuda.json"
+            step rl_k2_2b python benchmarks/rl_bench.py --preset k2-2b --prompts 8 --response-tokens 256 \
+                --batch-size 64 --micro-groups 1 --out "$out/rl-k2-2b-cuda.json" ;;
+        *) echo "unknown step '$s' (tests, target, optim, grid, profile, decode, rl)" >&2; exit 2 ;;
     esac
 done

@@ -117,14 +117,21 @@ def plot(results: dict, sft_metrics: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run(args) -> dict:
-    for name in ("pretrain_steps", "sft_steps", "train_tasks", "eval_tasks", "batch_size"):
+def new_demo_dir(args, counts: tuple[str, ...], label: str) -> Path:
+    """After checking that the flags `counts` are >= 1: the demo's output directory (--out-dir, else
+    a timestamped one named `label`), created; an existing one is refused, nothing in it touched."""
+    for name in counts:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
-    root = Path(args.out_dir or timestamped_run_dir("tool-demo"))
+    root = Path(args.out_dir or timestamped_run_dir(label))
     if root.exists():
         raise ConfigError(f"--out-dir {str(root)!r} exists; the demo writes a new directory (nothing was changed)")
     root.mkdir(parents=True)
+    return root
+
+
+def run(args) -> dict:
+    root = new_demo_dir(args, ("pretrain_steps", "sft_steps", "train_tasks", "eval_tasks", "batch_size"), "tool-demo")
     start = time.perf_counter()
     n_multi = args.train_tasks // 4
     tasks = make_tasks(args.train_tasks - n_multi, args.seed, "single", declare_tools=args.declare_tools)

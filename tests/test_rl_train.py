@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoint
 from launch.pretrained import load_pretrained
 from launch.train import run as train_run
 from moe.config import ConfigError
@@ -119,3 +118,23 @@ def test_two_processes_train_what_one_process_trains(policy, tmp_path):
     wa, wb = _weights(one), _weights(two)
     scale = max(v.abs().max().item() for v in wa.values())
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5 * scale
+
+
+def test_config_reads_files_and_flags_and_help_gives_each_fields_doc_and_default(tmp_path, capsys):
+    path = tmp_path / "rl.yaml"
+    path.write_text("init_from: some/run\nobjective: grpo\nobjective_args: {clip_eps: 0.1}\nlr: 1e-4\n")
+    cfg = parse(["--config", str(path), "--lr", "5e-5", "--routing-replay", "false"])
+    assert (cfg.init_from, cfg.objective, cfg.objective_args, cfg.lr, cfg.routing_replay) == \
+        ("some/run", "grpo", {"clip_eps": 0.1}, 5e-5, False)
+    assert cfg.temperature_at(0) == 1.0
+    decaying = parse(["--init-from", "x", "--iterations", "5", "--final-temperature", "0.6"])
+    assert [round(decaying.temperature_at(i), 3) for i in range(5)] == [1.0, 0.9, 0.8, 0.7, 0.6]
+    path.write_text("init_from: x\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse(["--config", str(path)])
+    with pytest.raises(ConfigError, match="temperature = 0.0"):
+        parse(["--init-from", "x", "--temperature", "0"])
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "responses sampled per prompt (k) (default: 8)" in text and "--lr FLOAT" in text

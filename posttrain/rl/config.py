@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         hint = hints[f.name]
         default = defaults[f.name].default_factory() if f.default is dataclasses.MISSING else f.default
         bool_flag = {"nargs": "?", "const": "true"} if hint is bool else {}
+        kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # str | None -> STR
         parser.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['doc']} "
-                            f"(default: {default})", metavar=getattr(hint, "__name__", str(hint)).upper(), **bool_flag)
+                            f"(default: {default})", metavar=kinds[0].__name__.upper(), **bool_flag)
     return parser
 
 
