@@ -130,6 +130,14 @@ def new_demo_dir(args, counts: tuple[str, ...], label: str) -> Path:
     return root
 
 
+def pretrain_base(out: Path, steps: int, timings: dict) -> str:
+    """launch.train: MODEL for `steps` steps on the default corpus into `out`; its time goes to timings["pretrain_s"]."""
+    t0 = time.perf_counter()
+    train.run(parse_args([*MODEL, "--steps", str(steps), "--eval-every", "50", "--out-dir", str(out)]))
+    timings["pretrain_s"] = round(time.perf_counter() - t0, 1)
+    return str(out)
+
+
 def run(args) -> dict:
     root = new_demo_dir(args, ("pretrain_steps", "sft_steps", "train_tasks", "eval_tasks", "batch_size"), "tool-demo")
     start = time.perf_counter()
@@ -143,12 +151,7 @@ def run(args) -> dict:
         for kind_tasks in heldout.values():
             f.writelines(json.dumps(t) + "\n" for t in kind_tasks)
     timings = {}
-    base = args.base
-    if base is None:
-        base = str(root / "base")
-        t0 = time.perf_counter()
-        train.run(parse_args([*MODEL, "--steps", str(args.pretrain_steps), "--eval-every", "50", "--out-dir", base]))
-        timings["pretrain_s"] = round(time.perf_counter() - t0, 1)
+    base = args.base or pretrain_base(root / "base", args.pretrain_steps, timings)
     results = {"before": _evaluate(base, heldout, args.batch_size, root / "transcripts_before.jsonl")}
     print(_line("before SFT", results["before"]), file=sys.stderr)
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The RL demo, one command on a CPU: `python -m posttrain.rl.demo` (console script `kimi-rl-demo`).
 
-    1. pretrain  launch.train: a narrow `small` on the default corpus, for the tokenizer and a start
-                 (skipped with --base RUN or --sft RUN)
+    1. pretrain  launch.train: the tool demo's narrow `small` (posttrain/demo.py MODEL) on the default
+                 corpus, for the tokenizer and a start (skipped with --base RUN or --sft RUN)
     2. SFT       posttrain.sft on digit-reversal conversations that mix two strategies, working the
                  reversal out (right) and answering directly by copying the number (a systematic
                  slip), in a proportion that depends on the request's wording, half of them padded
@@ -26,18 +26,14 @@ import time
 from pathlib import Path
 
 from launch import train
-from launch.config import parse_args
 from launch.metrics import read_metrics
 from posttrain import sft
-from posttrain.demo import new_demo_dir
+from posttrain.demo import new_demo_dir, pretrain_base
 from posttrain.rl import arithmetic, digits
 from posttrain.rl import train as rl
 from posttrain.rl.config import parse as parse_rl
 from posttrain.rl.plots import plot_runs
 
-# The tool demo's narrow `small` (posttrain/demo.py): 2.1M parameters, 1.8M active.
-MODEL = ["--model.hidden_size", "128", "--model.num_layers", "4", "--model.num_experts", "8",
-         "--model.intermediate_size", "384", "--model.moe_intermediate_size", "64", "--model.q_lora_rank", "64"]
 # SFT on 2-4 digit numbers: 8000 conversations, 300 steps (~3 min on 2 cores); held-out 2-3 digit
 # reversal then starts at ~40%: right for the wordings it works out, wrong where it copies.
 SFT_DIGITS = [2, 3, 4]
@@ -76,12 +72,7 @@ def run(args) -> dict:
     start, timings = time.perf_counter(), {}
     source = args.sft
     if source is None:
-        base = args.base
-        if base is None:
-            base = str(root / "base")
-            t0 = time.perf_counter()
-            train.run(parse_args([*MODEL, "--steps", str(args.pretrain_steps), "--eval-every", "50", "--out-dir", base]))
-            timings["pretrain_s"] = round(time.perf_counter() - t0, 1)
+        base = args.base or pretrain_base(root / "base", args.pretrain_steps, timings)
         # SFT problems from another seed than RL's pool: RL does not train on the SFT set's exact problems first.
         problems = digits.make_problems(args.sft_conversations, seed=1000, digits=SFT_DIGITS)
         arithmetic.write_jsonl(digits.sft_records(problems, seed=0), root / "sft.jsonl")
