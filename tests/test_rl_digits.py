@@ -26,14 +26,15 @@ def test_sft_records_answer_directly_at_each_wordings_slip_rate_and_pad_at_the_f
         assert check_record(r) == []
         assert r["messages"][0]["content"] == digits.TEMPLATES[p["template"]].format(n=p["number"])
         text = r["messages"][1]["content"]
-        is_direct = text.endswith(f"The answer is {p['number']}.") and "Reading the digits" not in text
-        if not is_direct:  # the worked reversal, spelt out by hand
-            assert text.endswith("Reading the digits from the end: " + " ".join(reversed(p["number"])) +
-                                 f". The answer is {p['number'][::-1]}.")
+        # The worked reversal, spelt out by hand (a padding sentence may also start "Reading the digits").
+        worked = "Reading the digits from the end: " + " ".join(reversed(p["number"])) + f". The answer is {p['number'][::-1]}."
+        is_direct = not text.endswith(worked)
+        if is_direct:
+            assert text.endswith(f"The answer is {p['number']}.")
         assert digits.verify(p, text)[0] == float(not is_direct or p["number"] == p["answer"])
         direct[p["template"]] += is_direct
         seen[p["template"]] += 1
-        padded += not (text.startswith("The answer is") or text.startswith("Reading the digits"))
+        padded += not (text.startswith("The answer is") or text.startswith("Reading the digits from the end:"))
     for rate, d, n in zip(rates, direct, seen):
         assert abs(d / n - rate) < 0.06, (rate, d, n)
     assert abs(padded / 3000 - 0.6) < 0.04
