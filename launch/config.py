@@ -150,7 +150,7 @@ class TrainConfig:
                 raise ConfigError(f"optimizer_args key {key!r} is not a keyword-argument name")
             if key in ("lr", "weight_decay"):
                 # optim.build gets lr and weight_decay from the top-level fields; twice would be a TypeError.
-                raise ConfigError(f"optimizer_args.{key} = {value!r}: set {key} as a top-level field ({_flag(key)})")
+                raise ConfigError(f"optimizer_args.{key} = {value!r}: set {key} as a top-level field ({flag(key)})")
             if not _all_finite(value):
                 valid = "a finite number" if isinstance(value, float) else "made of finite numbers"
                 raise ConfigError(f"optimizer_args.{key} = {value!r} must be {valid}")
@@ -308,7 +308,7 @@ def _file_values(path: str) -> dict:
     return values
 
 
-def _parse_value(text: str, hint, where: str):
+def parse_value(text: str, hint, where: str):
     """Turn a flag's string into the annotated type: YAML rules, so `1e-3`, `true`, `null`, `[1, 2]` work."""
     if hint is str or hint == (str | None):  # taken verbatim, so a path or name is never reinterpreted
         return None if text in ("null", "~") else text
@@ -318,11 +318,11 @@ def _parse_value(text: str, hint, where: str):
     return check_value(value, hint, where)
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class ConfigArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print usage and exit 2; a bad flag is a config error like any other
         raise ConfigError(f"{message}; see --help")
 
@@ -332,7 +332,7 @@ TRAIN_HELP = ("python -m launch.train", "Train a Kimi-K2-style MoE. With no argu
 
 
 def build_parser(help: tuple[str, str] = TRAIN_HELP) -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog=help[0], description=help[1])
+    parser = ConfigArgumentParser(prog=help[0], description=help[1])
     parser.add_argument("--config", help="YAML or TOML file with fields of TrainConfig (a run's config.yaml works)")
     parser.add_argument("--model", dest="model_preset", help="model preset (tiny, small, k2-2b, kimi-k2)")
     parser.add_argument("--data", dest="data_path", help="text/JSONL/Parquet file, glob, directory or datasets name")
@@ -344,7 +344,7 @@ def build_parser(help: tuple[str, str] = TRAIN_HELP) -> argparse.ArgumentParser:
             continue
         # A bare boolean flag means true (`--resume`); `--resume false` still works.
         flag_bool = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
-        parser.add_argument(_flag(f.name), dest=f.name, metavar=_type_label(hints[f.name]), default=argparse.SUPPRESS,
+        parser.add_argument(flag(f.name), dest=f.name, metavar=_type_label(hints[f.name]), default=argparse.SUPPRESS,
                             **flag_bool)
     parser.epilog = "Section fields: --model.FIELD VALUE (any ModelConfig field), --data.FIELD VALUE (any DataConfig field)."
     return parser
@@ -367,7 +367,7 @@ def parse_overrides(argv: list[str] | None = None, help: tuple[str, str] = TRAIN
     hints = typing.get_type_hints(TrainConfig)
     for name, text in vars(args).items():
         if name in hints:
-            values[name] = _parse_value(text, hints[name], _flag(name))
+            values[name] = parse_value(text, hints[name], flag(name))
     flags = {"model": {}, "data": {}}
     if args.model_preset is not None:
         flags["model"]["preset"] = args.model_preset
@@ -440,7 +440,7 @@ def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:
             raise ConfigError(
                 f"unknown flag {key}: {section} has no field {name!r}; valid: {', '.join(sorted(hints[section]))}"
             )
-        flags[section][name] = _parse_value(text, hints[section][name], key)
+        flags[section][name] = parse_value(text, hints[section][name], key)
 
 
 def timestamped_run_dir(label: str) -> str:

@@ -13,8 +13,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 
-from launch.config import load_file
-from moe.config import ConfigError, check_field_types, check_keys, check_value
+from launch.config import ConfigArgumentParser, flag, load_file, parse_value
+from moe.config import ConfigError, check_field_types, check_keys
 
 
 def _f(default, doc: str):
@@ -127,42 +127,20 @@ HELP = ("python -m posttrain.rl", "RL on verifiable rewards from a fine-tuned po
         "(or grpo). Needs --init-from SOURCE.")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(f"{message}; see --help")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=HELP[0], description=HELP[1])
+    parser = ConfigArgumentParser(prog=HELP[0], description=HELP[1])
     parser.add_argument("--config", help="YAML or TOML file of RLConfig fields (a run's config.yaml works)")
     # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     hints = typing.get_type_hints(RLConfig)
-    defaults = RLConfig.__dataclass_fields__
     for f in fields(RLConfig):
         hint = hints[f.name]
-        default = defaults[f.name].default_factory() if f.default is dataclasses.MISSING else f.default
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         bool_flag = {"nargs": "?", "const": "true"} if hint is bool else {}
         kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # str | None -> STR
-        parser.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['doc']} "
+        parser.add_argument(flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['doc']} "
                             f"(default: {default})", metavar=kinds[0].__name__.upper(), **bool_flag)
     return parser
-
-
-def _value(text: str, hint, where: str):
-    if hint is str or hint == (str | None):  # verbatim: a path is never reinterpreted
-        return None if text in ("null", "~") else text
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"{where}: could not read {text!r}") from None
-    return check_value(value, hint, where)
 
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> RLConfig:
@@ -173,7 +151,7 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None) -> RLConf
     check_keys(given, hints, f"config file {args.config!r}")
     for name, text in vars(args).items():
         if name in hints:
-            given[name] = _value(text, hints[name], _flag(name))
+            given[name] = parse_value(text, hints[name], flag(name))
     base = dict(defaults or {})
     if given.get("resume") and given.get("out_dir"):
         from pathlib import Path
