@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moe.cache import LatentCache
-from moe.model import Transformer
+from moe.model import Transformer, eval_mode
 
 
 @dataclass
@@ -109,9 +109,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # The last token is only sampled, never fed back, so it needs no cache slot.
     cache = LatentCache(cfg, B, longest + max_new_tokens - 1, device, weight.dtype)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.forward_cached(ids_BT.to(device), cache, lengths_B, absorbed, return_routing)
         logits_BV = out.logits[torch.arange(B, device=device), lengths_B - 1]
         routing = [out.routing] if return_routing else []
@@ -129,9 +127,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             out = model.forward_cached(token_B[:, None], cache, None, absorbed, return_routing)
             logits_BV = out.logits[:, -1]
             routing += [out.routing] if return_routing else []
-    finally:
-        for module, training in modes:
-            module.training = training
     return _collect(steps, routing, lengths, set(stop_tokens))
 
 

@@ -41,6 +41,20 @@ class ModelOutput:
     routing: torch.Tensor | None = None  # [L_moe, B, T, K] int64 experts chosen per MoE layer, if asked
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Every submodule in eval mode inside the with-statement (routers count no load, attention
+    records no max logits), and each back in its own mode afterwards: model.train() would also
+    switch on submodules that were off."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
