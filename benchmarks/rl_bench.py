@@ -4,7 +4,7 @@ A script, not a test: prints and writes JSON. One RL iteration of posttrain/rl's
 initialised model, without a task (random prompt ids, no stop token, so every response runs to its
 budget, the worst case): sampling --prompts x --k responses of --response-tokens tokens through
 rollout.grow (MLA's compressed cache, routing recorded), then the reference forward and one
-optimizer step of the k15 objective with routing replay (train.py's Rows, token_logprobs, MuonClip).
+optimizer step of the k15 objective with routing replay (batch.py's Rows and token_logprobs, MuonClip).
 Reports sampling tokens/s and the share of the iteration spent sampling vs training, best of --repeats.
 On a GPU both run under bf16 autocast, as posttrain.rl does.
 """
@@ -26,7 +26,7 @@ from moe.config import preset  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from posttrain.rl import objectives  # noqa: E402
 from posttrain.rl.rollout import GrowSettings, grow, new_group  # noqa: E402
-from posttrain.rl.train import Rows, eval_logprobs, token_logprobs  # noqa: E402
+from posttrain.rl.batch import Rows, eval_logprobs, token_logprobs  # noqa: E402
 
 
 def sync(device):

@@ -1,5 +1,5 @@
 """Rollouts (posttrain/rl/rollout.py): partial rollouts continue exactly, loops and budgets end samples,
-and the training rows (posttrain/rl/train.py's Rows) line up with what was sampled.
+and the training rows (posttrain/rl/batch.py's Rows) line up with what was sampled.
 
 References: one uninterrupted generate call with the same seeds (for continued rollouts), and the
 model's own teacher-forced forward with routing capture (for the recorded log-probs and experts).
@@ -10,7 +10,7 @@ import torch
 from moe.config import preset
 from moe.model import Transformer
 from posttrain.rl.rollout import Group, GrowSettings, Sample, _extend, grow, new_group
-from posttrain.rl.train import Rows, token_logprobs
+from posttrain.rl.batch import Rows, token_logprobs
 
 PROMPTS = [[5, 17, 300, 2, 9], [3, 1, 4], [511, 0, 77, 77, 8, 250, 13]]
 

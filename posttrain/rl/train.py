@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ import optim
 from launch import checkpoint, run_dir
 from launch.config import timestamped_run_dir
 from launch.distributed import DistInfo, init_distributed, launched
-from launch.engine import StepResult, finish_step
+from launch.engine import LocalStepper, StepResult, finish_step
 from launch.metrics import MetricsLog
 from launch.pretrained import load_pretrained
 from launch.tokenizer import BPETokenizer, save_run_tokenizer
@@ -61,6 +60,7 @@ from posttrain.rl import objectives
 from posttrain.rl.config import RLConfig, parse
 from posttrain.rl.prompt_pool import PromptPool
 from posttrain.rl.rewards import shape_rewards
+from posttrain.rl.batch import Rows, eval_logprobs, token_logprobs
 from posttrain.rl.rollout import Group, GrowSettings, grow, new_group
 from posttrain.rl.tasks import build_task
 
@@ -70,69 +70,6 @@ FREE = {"iterations", "eval_every", "checkpoint_every", "keep_checkpoints", "dis
 
 def _world(info: DistInfo | None) -> tuple[int, int]:
     return (0, 1) if info is None else (info.rank, info.world_size)
-
-
-class Rows:
-    """Training rows of some finished samples, packed into one row of N tokens without padding.
-
-    Sample i is one document of the row (per-document attention, RoPE from 0: moe/model.py), its
-    inputs prompt + response[:-1] and its targets the next tokens. Packing leaves no padding token
-    to be routed, so the routers' load counts (and the bias update) see only real tokens, whichever
-    samples share a micro-batch: that is what makes 2 processes count what 1 process counts.
-    The objectives read per-sample [S, T] tensors: index_ST maps them into the row (mask_ST True on
-    the response's targets); routing_L1NK holds the recorded experts of every input, if recorded.
-    """
-
-    def __init__(self, groups: list[Group], device):
-        samples = [s for g in groups for s in g.samples]
-        S, T = len(samples), max(len(s.tokens) for s in samples)
-        inputs, targets, documents, routing = [], [], [], []
-        self.index_ST = torch.zeros(S, T, dtype=torch.int64)
-        self.mask_ST = torch.zeros(S, T, dtype=torch.bool)
-        self.sample_logp_ST = torch.zeros(S, T)
-        for i, s in enumerate(samples):
-            seq, P, n = s.prompt + s.tokens, len(s.prompt), len(s.tokens)
-            start = len(inputs)
-            inputs += seq[:-1]
-            targets += seq[1:]
-            documents += [i] * (len(seq) - 1)
-            # The response's targets sit at the inputs P-1 .. P+n-2 of this document.
-            self.index_ST[i, :n] = torch.arange(start + P - 1, start + P - 1 + n)
-            self.mask_ST[i, :n] = True
-            self.sample_logp_ST[i, :n] = torch.tensor(s.logprobs)
-            routing.append(s.routing)
-        self.inputs_1N = torch.tensor([inputs], device=device)
-        self.targets_1N = torch.tensor([targets], device=device)
-        self.documents_1N = torch.tensor([documents], device=device)
-        self.routing_L1NK = None if routing[0] is None else torch.cat(routing, dim=1)[:, None].to(device)
-        self.groups_S = torch.tensor([j for j, g in enumerate(groups) for _ in g.samples], device=device)
-        self.index_ST, self.mask_ST, self.sample_logp_ST = (t.to(device) for t in (self.index_ST, self.mask_ST,
-                                                                                    self.sample_logp_ST))
-
-
-def token_logprobs(model: Transformer, rows: Rows, replay: bool) -> torch.Tensor:
-    """log p [S, T] of each response token under the model (temperature 1), through the recorded experts
-    if `replay`. bf16 autocast on a GPU (fp32 weights), as pre-training on one GPU; fp32 on CPU."""
-    with model.replay_routing(rows.routing_L1NK if replay else None), autocast(rows.inputs_1N.device):
-        logits_1NV = model(rows.inputs_1N, document_ids_BT=rows.documents_1N).logits
-    logp_N = logits_1NV[0].float().log_softmax(-1).gather(1, rows.targets_1N[0, :, None]).squeeze(1)
-    return logp_N[rows.index_ST]
-
-
-@torch.no_grad()
-def eval_logprobs(model: Transformer, rows: Rows, replay: bool) -> torch.Tensor:
-    """token_logprobs in eval mode: routers count no load and attention records no logits."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        return token_logprobs(model, rows, replay)
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def masked_mean(values_ST: torch.Tensor, mask_ST: torch.Tensor) -> float:
-    return float((values_ST * mask_ST).sum() / mask_ST.sum().clamp_min(1))
 
 
 def all_reduce_gradients(model: Transformer) -> None:
@@ -164,6 +101,8 @@ class Trainer:
         self.next_slot = 0
         self.objective = objectives.build(cfg.objective, **cfg.objective_args)
         self.optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+        # Gradients accumulate over micro-batches weighted by their share of the samples (train), so grad_accum 1.
+        self.stepper = LocalStepper(model, self.optimizer, 1, cfg.grad_clip)
         self.ptx = self._ptx_batches() if cfg.ptx_weight > 0 else None
 
     def prompt(self, problem: dict) -> list[int]:
@@ -295,9 +234,9 @@ class Trainer:
             values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(values)
             metrics.update(zip(keys, values.tolist()))
-        after = [eval_logprobs(model, rows, cfg.routing_replay) for rows in micro]
-        delta = [ref - a for ref, a in zip(refs, after)]
-        figures["kl"] = self._mean_over(micro, [d.exp() - 1 - d for d in [-x for x in delta]])
+        # KL(pi_i || pi_i+1) on samples of pi_i, k3 estimator: r - 1 - log r, r = pi_i+1 / pi_i per token.
+        log_r = [eval_logprobs(model, rows, cfg.routing_replay) - ref for rows, ref in zip(micro, refs)]
+        figures["kl"] = self._mean_over(micro, [d.exp() - 1 - d for d in log_r])
         max_logits = getattr(self.optimizer, "last_max_logits_LH", None)
         if max_logits is not None:
             figures["max_logit"] = max_logits.max().item()
@@ -312,15 +251,11 @@ class Trainer:
         return float(total[0] / total[1].clamp_min(1))
 
     def step(self) -> StepResult:
+        """The gradients summed over ranks, then launch's one-process step: clip, skip a non-finite
+        one, update; then the router biases from the global load."""
         if self.world > 1:
             all_reduce_gradients(self.model)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        applied = math.isfinite(norm)
-        if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        result = StepResult(norm, applied)
+        result = self.stepper.step()
         finish_step(self.model, result)
         return result
 
