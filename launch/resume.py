@@ -47,8 +47,10 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def compare(saved_train: dict, saved_model: dict, train: dict, model: dict) -> dict[str, tuple]:
-    """The changes a resume may make, {field: (saved, new)}; ConfigError naming every refused one."""
+def compare(saved_train: dict, saved_model: dict, train: dict, model: dict, free: set[str] = FREE,
+            schedule: set[str] = SCHEDULE) -> dict[str, tuple]:
+    """The changes a resume may make, {field: (saved, new)}; ConfigError naming every refused one.
+    `free` and `schedule` are the fields that may change (another trainer's, e.g. RL's, differ)."""
     old, new = _flatten(saved_train), _flatten(train)
     changed, refused = {}, []
     for name in sorted(set(old) | set(new)):
@@ -57,7 +59,7 @@ def compare(saved_train: dict, saved_model: dict, train: dict, model: dict) -> d
         a, b = old.get(name, "(unset)"), new.get(name, "(unset)")
         if _same(a, b):
             continue
-        if name in FREE or name in SCHEDULE:
+        if name in free or name in schedule:
             changed[name] = (a, b)
         else:
             refused.append(f"{name}: the run has {a!r}, this command gives {b!r}")
@@ -70,6 +72,7 @@ def compare(saved_train: dict, saved_model: dict, train: dict, model: dict) -> d
             "this command cannot resume the run: it changes what the checkpoint was trained with ("
             + "; ".join(refused) + "). Resume with the run's own settings (`--resume --out-dir RUN` alone uses "
             "them), or start a new run in another --out-dir. Fields a resume may change: "
-            + ", ".join(sorted(FREE - {"resume", "out_dir"})) + "; and, explicitly, " + ", ".join(sorted(SCHEDULE))
+            + ", ".join(sorted(free - {"resume", "out_dir"}))
+            + ("; and, explicitly, " + ", ".join(sorted(schedule)) if schedule else "")
         )
     return {k: v for k, v in changed.items() if k not in ("resume", "out_dir")}

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 import optim
-from launch import checkpoint, run_dir
+from launch import checkpoint, resume, run_dir
 from launch.config import timestamped_run_dir
 from launch.distributed import DistInfo, init_distributed, launched
 from launch.engine import LocalStepper, StepResult, finish_step
@@ -300,17 +300,6 @@ class Trainer:
         return record
 
 
-def _check_resume(saved: dict, cfg: RLConfig) -> dict:
-    """The fields this resume changes; ConfigError naming every field it may not change."""
-    new = cfg.to_dict()
-    changed = {k: (saved.get(k), new[k]) for k in new if saved.get(k) != new[k]}
-    refused = [f"{k}: the run has {a!r}, this command gives {b!r}" for k, (a, b) in changed.items() if k not in FREE]
-    if refused:
-        raise ConfigError("this command cannot resume the run: " + "; ".join(refused) + ". Fields a resume may "
-                          "change: " + ", ".join(sorted(FREE - {"resume", "out_dir"})))
-    return {k: v for k, v in changed.items() if k not in ("resume", "out_dir")}
-
-
 def _open_run(out: Path, cfg: RLConfig) -> dict:
     """Rank 0: lock the run directory; the checkpoint to resume from (None: a fresh start)."""
     resuming = run_dir.check_usable(out, cfg.resume)
@@ -360,7 +349,7 @@ def _run(cfg: RLConfig, info, device, out: Path, ckpt: str | None) -> dict:
     start, changes = 0, {}
     if ckpt is not None:
         manifest = checkpoint.read_manifest(Path(ckpt))
-        changes = _check_resume(manifest["train_config"], cfg)
+        changes = resume.compare(manifest["train_config"], {}, cfg.to_dict(), {}, free=FREE, schedule=set())
         model = Transformer(ModelConfig(**manifest["model_config"]))
         tokenizer = BPETokenizer.load(str(out / "tokenizer.json"))
         start = manifest["step"]
