@@ -42,50 +42,64 @@ from pathlib import Path
 
 import yaml
 
+from launch import cli_help
+from launch.cli_help import flag
 from launch.data import DataConfig
-from moe.config import PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, from_dict, preset
+from moe.config import (PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, doc_field,
+                        from_dict, preset)
 
 DEFAULT_PRESET = "small"
 
 @dataclass
 class TrainConfig:
-    # Model: `preset` names a moe.config preset, every other key overrides one of its fields.
-    model: dict = field(default_factory=lambda: {"preset": DEFAULT_PRESET})
-    # A run directory, one of its checkpoints, or a Hugging Face directory: the run starts from its
-    # weights, model and tokenizer (fine-tuning, SFT); `model` then only labels the run.
-    init_from: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    # Optimisation. `optimizer` is a name from optim's registry or a dotted torch.optim path.
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    optimizer_args: dict = field(default_factory=dict)  # extra keyword arguments for optim.build
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    model: dict = doc_field({"preset": DEFAULT_PRESET}, "the model: a preset (listed below) and overrides of "
+                                                        "its fields (--model.FIELD VALUE)")
+    init_from: str | None = doc_field(None, "a run directory, one of its checkpoints, or a Hugging Face directory: "
+                                            "start from its weights, model and tokenizer (fine-tuning, SFT); model "
+                                            "then only labels the run")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and its tokenizer (launch/data.py)"})
+    # Optimisation
+    optimizer: str = doc_field("adamw", "a name from optim's registry (listed below) or a dotted torch.optim path "
+                                        "such as torch.optim.SGD")
+    lr: float = doc_field(3e-3, "peak learning rate, reached at the end of warmup")
+    weight_decay: float = doc_field(0.1, "decoupled weight decay")
+    optimizer_args: dict = doc_field({}, "extra keyword arguments of optim.build, e.g. {qk_clip_tau: 50} (each "
+                                         "optimizer's keys are listed below)")
+    warmup_steps: int = doc_field(30, "steps of linear warmup from 0 to lr")
+    min_lr_ratio: float = doc_field(0.1, "the cosine after warmup decays to lr * min_lr_ratio at the last step")
+    grad_clip: float = doc_field(1.0, "max global gradient norm; 0 disables clipping")
     # Schedule and batch: tokens per optimizer step = micro_batch_size * grad_accum * seq_len (* data-parallel size).
-    steps: int = 200
-    micro_batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 256
-    eval_every: int = 50
-    eval_batches: int = 8
-    log_every: int = 1
-    seed: int = 1234
-    device: str = "auto"  # auto | cpu | cuda
-    out_dir: str | None = None  # default: runs/<preset>-<timestamp>
-    # Checkpoints and faults (launch/checkpoint.py). checkpoint_every 0: only at the end.
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0 keeps all
-    resume: bool = False  # continue from the newest good checkpoint in out_dir (a fresh start if none)
-    max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
-    # Under a launcher (torchrun / deepspeed): DeepSpeed ZeRO stage, expert-parallel size, collective timeout.
-    zero_stage: int = 1
-    ep_size: int = 1
-    deepspeed_config: str | None = None  # a DeepSpeed JSON to start from; ours is written to out_dir
-    dist_timeout_s: float = 600.0
-    # Every ModelConfig field of a saved run; when set, the model is exactly this (module docstring).
-    resolved_model: dict | None = None
+    steps: int = doc_field(200, "optimizer steps to train")
+    micro_batch_size: int = doc_field(16, "sequences per forward/backward on each process (also per validation batch)")
+    grad_accum: int = doc_field(1, "micro-batches per optimizer step")
+    seq_len: int = doc_field(256, "tokens per sequence")
+    eval_every: int = doc_field(50, "steps between validations (there is one before the first step and one after "
+                                    "the last)")
+    eval_batches: int = doc_field(8, "batches of micro_batch_size sequences per validation")
+    log_every: int = doc_field(1, "steps between metrics.jsonl records (validations and skipped steps are always "
+                                  "written)")
+    # Where each record's scalars also go (launch/metrics.py); metrics.jsonl is written either way.
+    tensorboard: bool = doc_field(True, "also write the logged scalars as TensorBoard events in out_dir/tensorboard")
+    wandb: bool = doc_field(False, "also log them to an offline Weights & Biases run in out_dir/wandb (needs the "
+                                   "wandb package)")
+    seed: int = doc_field(1234, "seed of the initial weights and the data order")
+    device: str = doc_field("auto", "auto | cpu | cuda")
+    out_dir: str | None = doc_field(None, "run directory to write; None: runs/<preset>-<time>, or runs/sft-<time> "
+                                          "for chat data ($KIMI_MOE_RUNS in place of runs)")
+    # Checkpoints and faults (launch/checkpoint.py)
+    checkpoint_every: int = doc_field(100, "steps between checkpoints (and one at the end); 0: only at the end")
+    keep_checkpoints: int = doc_field(3, "newest complete checkpoints kept; 0 keeps all")
+    resume: bool = doc_field(False, "continue from the newest good checkpoint in out_dir (a fresh start if none)")
+    max_skipped_steps: int = doc_field(5, "consecutive non-finite steps tolerated before the run stops")
+    # Under a launcher (torchrun / deepspeed); one process trains without DeepSpeed and ignores them.
+    zero_stage: int = doc_field(1, "DeepSpeed ZeRO stage under a launcher: 1, 2 or 3 (3: AdamW only)")
+    ep_size: int = doc_field(1, "expert-parallel size under a launcher: consecutive ranks that split each MoE "
+                                "layer's routed experts")
+    deepspeed_config: str | None = doc_field(None, "a DeepSpeed JSON to start from (under a launcher); the one "
+                                                   "used is written to out_dir")
+    dist_timeout_s: float = doc_field(600.0, "seconds a collective may wait under a launcher before the run stops")
+    resolved_model: dict | None = doc_field(None, "every ModelConfig field of a saved run; when set, the model is "
+                                                  "exactly this (launch/config.py's docstring)")
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -318,11 +332,14 @@ def parse_value(text: str, hint, where: str):
     return check_value(value, hint, where)
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 class ConfigArgumentParser(argparse.ArgumentParser):
+    """argparse, with errors as ConfigError and an epilog that may be a function: made only when help is printed."""
+
+    def format_help(self):
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
     def error(self, message):  # argparse would print usage and exit 2; a bad flag is a config error like any other
         raise ConfigError(f"{message}; see --help")
 
@@ -331,38 +348,66 @@ TRAIN_HELP = ("python -m launch.train", "Train a Kimi-K2-style MoE. With no argu
               "Python standard library's source, on CPU in a few minutes.")
 
 
-def build_parser(help: tuple[str, str] = TRAIN_HELP) -> argparse.ArgumentParser:
-    parser = ConfigArgumentParser(prog=help[0], description=help[1])
-    parser.add_argument("--config", help="YAML or TOML file with fields of TrainConfig (a run's config.yaml works)")
-    parser.add_argument("--model", dest="model_preset", help="model preset (tiny, small, k2-2b, kimi-k2)")
-    parser.add_argument("--data", dest="data_path", help="text/JSONL/Parquet file, glob, directory or datasets name")
+def build_parser(help: tuple[str, str] = TRAIN_HELP, defaults: dict | None = None) -> argparse.ArgumentParser:
+    """TrainConfig's flags. `defaults` (a nested dict of fields, posttrain.sft's) replace the dataclass
+    defaults in what --help shows; parse_args applies them."""
+    defaults = defaults or {}
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    model = {**cli_help.default_of(train_fields["model"]), **defaults.get("model", {})}
+    data_defaults = {f.name: f.default for f in fields(DataConfig)} | defaults.get("data", {})
+    path_field = next(f for f in fields(DataConfig) if f.name == "path")
+
+    parser = ConfigArgumentParser(prog=help[0], description=help[1], formatter_class=cli_help.HelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of TrainConfig fields, flags override it "
+                        "(a run's config.yaml works; examples in configs/)")
+    parser.add_argument("--model", dest="model_preset", metavar="NAME", help=cli_help.flag_help(
+        cli_help.field_doc(TrainConfig, train_fields["model"]), model["preset"]))
+    parser.add_argument("--data", dest="data_path", metavar="PATH",
+                        help=cli_help.flag_help(cli_help.field_doc(DataConfig, path_field), data_defaults["path"]))
     # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name in ("model", "data", "resolved_model"):  # sections: dotted flags; resolved_model: files only
-            continue
-        # A bare boolean flag means true (`--resume`); `--resume false` still works.
-        flag_bool = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
-        parser.add_argument(flag(f.name), dest=f.name, metavar=_type_label(hints[f.name]), default=argparse.SUPPRESS,
-                            **flag_bool)
-    parser.epilog = "Section fields: --model.FIELD VALUE (any ModelConfig field), --data.FIELD VALUE (any DataConfig field)."
+    # Sections take dotted flags (parse_overrides); resolved_model comes from files only.
+    cli_help.add_field_flags(parser, TrainConfig, defaults, skip=("model", "data", "resolved_model"))
+    parser.epilog = lambda: _epilog(model, data_defaults)
     return parser
+
+
+def _epilog(model: dict, data_defaults: dict) -> str:
+    """The flags argparse does not parse itself (--model.FIELD, --data.FIELD), resolved_model, the
+    optimizers and the presets, with their docs and defaults; `model`: the preset and its overrides."""
+    model_defaults = {**dataclasses.asdict(preset(model["preset"])), **model}
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    resolved_doc = cli_help.field_doc(TrainConfig, train_fields["resolved_model"])
+    return "\n\n".join([
+        f"Model fields, --model.FIELD VALUE (or =VALUE), over the preset's; defaults: preset {model['preset']}'s. "
+        "A run with --init-from trains its source's model and takes none of them.",
+        cli_help.section_rows("model", ModelConfig, model_defaults),
+        f"Data fields, --data.FIELD VALUE (or =VALUE): {cli_help.field_doc(TrainConfig, train_fields['data'])}. "
+        "--data PATH is --data.path.",
+        cli_help.section_rows("data", DataConfig, data_defaults, skip=("path",)),
+        "In a config file only:",
+        cli_help.rows([("resolved_model", cli_help.described(resolved_doc, None))]),
+        "Optimizers (--optimizer NAME; lr and weight_decay are flags, the rest go in --optimizer-args):",
+        cli_help.optimizer_rows(),
+        "Model presets (--model NAME):",
+        cli_help.preset_rows(),
+    ])
 
 
 def _type_label(hint) -> str:
     return getattr(hint, "__name__", str(hint)).upper()
 
 
-def parse_overrides(argv: list[str] | None = None, help: tuple[str, str] = TRAIN_HELP) -> dict:
+def parse_overrides(argv: list[str] | None = None, help: tuple[str, str] = TRAIN_HELP,
+                    defaults: dict | None = None) -> dict:
     """What the command gives explicitly: the --config file's fields, then the flags over them.
 
     A nested dict of TrainConfig fields, e.g. {"lr": 1e-05, "model": {"num_layers": 4}, "data": {...}};
     a field neither the file nor a flag names is absent. Flags are parsed to their field's type;
     unknown keys, unreadable files and malformed flags raise ConfigError. Ranges and consistency
-    are TrainConfig's to check.
+    are TrainConfig's to check. `defaults` are only what --help shows (parse_args applies them).
     """
-    args, rest = build_parser(help).parse_known_args(argv)
+    args, rest = build_parser(help, defaults).parse_known_args(argv)
     values = _file_values(args.config) if args.config else {}
     hints = typing.get_type_hints(TrainConfig)
     for name, text in vars(args).items():
@@ -395,7 +440,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None,
     the command gives on top is what it changes (which the trainer then accepts or refuses,
     launch/resume.py). `defaults` (a nested dict of fields, e.g. posttrain.sft's) replaces the
     dataclass defaults of a new run."""
-    given = parse_overrides(argv, help)
+    given = parse_overrides(argv, help, defaults)
     saved = saved_run_config(given["out_dir"]) if given.get("resume") and given.get("out_dir") else None
     base = saved if saved is not None else defaults or {}
     merged = {**base, **given}

@@ -45,7 +45,7 @@ import torch
 from launch.data_batches import TrainBatches, ValBatches
 from launch.data_sources import Documents, load_documents
 from launch.tokenizer import MIN_BPE_VOCAB, BPETokenizer, BytesTokenizer, load_or_train_bpe
-from moe.config import ConfigError, check_field_types
+from moe.config import ConfigError, check_field_types, doc_field
 
 __all__ = ["DataConfig", "DataBundle", "build_data", "TrainBatches", "ValBatches"]
 
@@ -57,19 +57,24 @@ SPLIT_SEED = 0
 
 @dataclass
 class DataConfig:
-    # A .txt/.jsonl/.json/.parquet file, glob or directory, a save_to_disk folder, or the name of a
-    # dataset in the local datasets cache. None: the Python standard library's source.
-    path: str | None = None
-    text_field: str = "text"  # column holding the text in .jsonl/.json/.parquet and cached datasets
-    tokenizer: str = "bpe"  # "bpe": trained here on the train split; "bytes": UTF-8 bytes, vocab 257
-    vocab_size: int = 4096  # BPE target size (including the eod token); ignored by "bytes"
-    max_bytes: int = 12_000_000  # cap on the default corpus (whole files, in sorted path order)
-    val_fraction: float = 0.02  # of documents held out for validation
-    cache_dir: str | None = None  # None: $KIMI_MOE_CACHE, else ~/.cache/kimi-moe
-    num_proc: int = 1  # processes for tokenising; the BPE already uses every core from one process
-    # "text": documents, every token a target (pretraining). "chat": a JSONL file of conversations,
-    # the loss on assistant tokens only, packed with per-document attention (posttrain/sft_data.py).
-    format: str = "text"
+    path: str | None = doc_field(None, "corpus: a .txt/.jsonl/.json/.parquet file, a glob or directory of them, a "
+                                       "save_to_disk folder, or a dataset name in the local datasets cache; None: the "
+                                       "Python standard library's source. One path holds one format: a glob or "
+                                       "directory that mixes .txt and .jsonl files is refused")
+    text_field: str = doc_field("text", "column holding the text in .jsonl/.json/.parquet and cached datasets")
+    tokenizer: str = doc_field("bpe", "bpe: a byte-level BPE trained here on the train split; bytes: UTF-8 bytes, "
+                                      "vocabulary 257")
+    vocab_size: int = doc_field(4096, "BPE target size (including the special tokens); a small corpus may give "
+                                      "fewer; ignored by bytes")
+    max_bytes: int = doc_field(12_000_000, "cap on the default corpus (whole files, in sorted path order)")
+    val_fraction: float = doc_field(0.02, "fraction of the documents held out for validation")
+    cache_dir: str | None = doc_field(None, "where tokenizers and token ids are cached; None: $KIMI_MOE_CACHE, "
+                                            "else ~/.cache/kimi-moe")
+    # The BPE already uses every core from one process, hence 1.
+    num_proc: int = doc_field(1, "processes for tokenising")
+    format: str = doc_field("text", "text: documents, every token a target (pretraining); chat: a JSONL file of "
+                                    "conversations, the loss on assistant tokens only, packed with per-document "
+                                    "attention (posttrain/sft_data.py)")
 
     def __post_init__(self):
         check_field_types(self)

@@ -20,7 +20,7 @@ from moe.config import ConfigError
 
 FREE = {
     "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps",
-    "dist_timeout_s", "resume", "device", "out_dir", "data.cache_dir", "data.num_proc",
+    "dist_timeout_s", "resume", "device", "out_dir", "data.cache_dir", "data.num_proc", "tensorboard", "wandb",
 }
 SCHEDULE = {"lr", "warmup_steps", "min_lr_ratio"}
 # Recorded in the training config, compared through the resolved model config instead.

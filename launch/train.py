@@ -21,10 +21,12 @@ from tqdm import tqdm
 import optim
 from launch import checkpoint, resume, run_dir
 from launch.config import TrainConfig, default_out_dir, parse_args
+from launch.config_warnings import warnings_for
 from launch.data import build_data, TrainBatches, ValBatches
 from launch.distributed import DistInfo, expert_groups, init_distributed, launched
 from launch.engine import LocalStepper, finish_step
-from launch.metrics import MetricsLog, plot_losses
+from launch.dashboard import write_dashboard
+from launch.metrics import MetricsLog, check_writers, plot_losses
 from launch.pretrained import load_pretrained
 from launch.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.mfu import flops_per_token, gpu_peak_flops
@@ -81,8 +83,11 @@ def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None
         record["skipped"] = True
     else:
         record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in stepper.model.routers()]
-        if stepper.last_max_logits_LH is not None:  # QK-clip: the largest attention logit it saw, before clipping
+        if stepper.last_max_logits_LH is not None:  # QK-clip: the largest attention logits it saw, before clipping
             record["max_logit"] = stepper.last_max_logits_LH.max().item()
+            record["max_logit_by_layer"] = stepper.last_max_logits_LH.max(dim=1).values.tolist()  # [L]: max over heads
+            # DeepSpeed's stepper holds the QKClip; one process's is inside its MuonClip optimizer.
+            record["qk_clip_tau"] = (getattr(stepper, "qk_clip", None) or stepper.optimizer.qk_clip).tau
     finish_step(stepper.model, result)  # global router counts -> bias update (or a clean slate if skipped)
     return record
 
@@ -190,6 +195,7 @@ def run(cfg: TrainConfig) -> dict:
         optim.check(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_writers(cfg.tensorboard, cfg.wandb)
     device = pick_device(cfg.device)
     info = None
     if launched():
@@ -276,6 +282,8 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     peak = gpu_peak_flops(device)
     step_flops = flops_per_token(model_cfg, counts["active"], cfg.seq_len) * tokens_per_step
     if is_main:
+        for warning in warnings_for(cfg, data.vocab_size):
+            print(f"warning: {warning}", file=sys.stderr)
         print(
             f"model {cfg.model.get('preset') if cfg.init_from is None else 'from ' + cfg.init_from}: {counts['total'] / 1e6:.1f}M total / {counts['active'] / 1e6:.1f}M active "
             f"parameters; {len(data.train)} train / {len(data.val)} val sequences of {cfg.seq_len} tokens; "
@@ -295,7 +303,8 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         meta = {**ckpt_meta, "model_config": config["resolved_model"], "train_config": config}
         checkpoint.save(ckpt_root, step, state, meta, keep=cfg.keep_checkpoints)
 
-    log = MetricsLog(out / "metrics.jsonl") if is_main else None
+    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                     first_step=start_step + 1 if start_step else 0) if is_main else None
     val_loss = first_val = None
     if start_step == 0:
         first_val = val_loss = evaluate(stepper.model, val_batches, device, info)
@@ -354,6 +363,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     if log:
         log.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.model.get('preset')} on {cfg.data.path or 'stdlib source'}")
+        write_dashboard(out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary), file=sys.stderr)
     if status != "ok":

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 class ConfigError(ValueError):
@@ -109,41 +109,48 @@ def check_keys(values: dict, known, where: str) -> None:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(sorted(known))}")
 
 
+def doc_field(default, doc: str):
+    """A dataclass field with a one-line `doc`: its flag's --help text, printed with the default, so
+    the two cannot drift apart (launch/cli_help.py). A dict or list default is copied per instance."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class ModelConfig:
     """A DeepSeek-V3-architecture MoE transformer. Dimension letters used across `moe/`:
     D hidden, H heads, E routed experts, K experts per token, F expert FFN width, V vocab."""
 
-    vocab_size: int = 512
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    # Multi-head latent attention (DeepSeek-V2 §2.1). q_lora_rank None: queries projected directly.
-    q_lora_rank: int | None = 32
-    kv_lora_rank: int = 32
-    # Head dims left as None are derived as hidden_size // num_heads (then num_heads must divide it).
-    qk_nope_head_dim: int | None = 16
-    qk_rope_head_dim: int = 8
-    v_head_dim: int | None = 16
+    vocab_size: int = doc_field(512, "token ids 0..V-1 (launch.train sets it to its tokenizer's vocabulary unless given)")
+    hidden_size: int = doc_field(64, "model width D")
+    num_layers: int = doc_field(2, "transformer blocks")
+    num_heads: int = doc_field(4, "attention heads H")
+    # Multi-head latent attention (DeepSeek-V2 §2.1). Head dims left as None are derived as
+    # hidden_size // num_heads (then num_heads must divide it).
+    q_lora_rank: int | None = doc_field(32, "rank of MLA's query compression; None: queries projected directly")
+    kv_lora_rank: int = doc_field(32, "rank of MLA's compressed key-value latent")
+    qk_nope_head_dim: int | None = doc_field(16, "query/key dims per head without RoPE; None: hidden_size // num_heads")
+    qk_rope_head_dim: int = doc_field(8, "query/key dims per head that carry RoPE (even)")
+    v_head_dim: int | None = doc_field(16, "value dims per head; None: hidden_size // num_heads")
     # Feed-forward: the first `first_k_dense` layers are dense SwiGLU, the rest MoE.
-    intermediate_size: int = 128
-    moe_intermediate_size: int = 32
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    num_shared_experts: int = 1
-    first_k_dense: int = 1
-    routed_scaling_factor: float = 1.0
-    # Router (DeepSeek-V3 §2.1.2): "sigmoid" is K2's; "softmax" is offered for router ablations.
-    score_func: str = "sigmoid"
-    # Aux-loss-free balancing: bias += speed * sign(mean_load - load) after each step.
-    bias_update_speed: float = 1e-3
-    # Sequence-wise balance loss coefficient alpha (DeepSeek-V3 eq. 17-20).
-    seq_aux_loss_coef: float = 1e-4
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    rms_norm_eps: float = 1e-6
-    init_std: float = 0.02
-    tie_embeddings: bool = False
+    intermediate_size: int = doc_field(128, "FFN width of the dense layers")
+    moe_intermediate_size: int = doc_field(32, "FFN width F of each routed and shared expert")
+    num_experts: int = doc_field(8, "routed experts E per MoE layer")
+    num_experts_per_tok: int = doc_field(2, "routed experts K per token (top-k)")
+    num_shared_experts: int = doc_field(1, "experts every token goes through beside its K routed ones")
+    first_k_dense: int = doc_field(1, "leading layers that are dense SwiGLU; the rest are MoE")
+    routed_scaling_factor: float = doc_field(1.0, "scale of the routed experts' gate weights")
+    # Router (DeepSeek-V3 §2.1.2).
+    score_func: str = doc_field("sigmoid", "router scores: sigmoid (K2's) or softmax (for router ablations)")
+    bias_update_speed: float = doc_field(1e-3, "aux-loss-free balancing: bias += speed * sign(mean_load - load) "
+                                               "after each step")
+    seq_aux_loss_coef: float = doc_field(1e-4, "sequence-wise balance loss coefficient alpha (DeepSeek-V3 eq. 17-20)")
+    rope_theta: float = doc_field(10000.0, "RoPE base")
+    max_seq_len: int = doc_field(4096, "longest sequence the model takes (training seq_len, prompt + generation)")
+    rms_norm_eps: float = doc_field(1e-6, "RMSNorm epsilon")
+    init_std: float = doc_field(0.02, "std of the normal initialisation of every matrix")
+    tie_embeddings: bool = doc_field(False, "the output head shares the input embedding's weights")
 
     def __post_init__(self):
         check_field_types(self)
@@ -197,12 +204,12 @@ class ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    # Unit-test size: every code path (dense layer, MoE layer, MLA with q-LoRA) in well under a second.
+    """Unit-test size: every code path (dense layer, MoE layer, MLA with q-LoRA) in well under a second."""
     return ModelConfig()
 
 
 def _small() -> ModelConfig:
-    # The CPU demo: ~19.7M total, ~6.0M active; trains visibly in minutes on 2 cores.
+    """The CPU demo: ~19.7M total, ~6.0M active; trains visibly in minutes on 2 cores."""
     return ModelConfig(
         vocab_size=4096, hidden_size=256, num_layers=6, num_heads=4, q_lora_rank=128, kv_lora_rank=64,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=768,
@@ -212,7 +219,7 @@ def _small() -> ModelConfig:
 
 
 def _k2_2b() -> ModelConfig:
-    # One 80 GB GPU: ~2.6B total, ~0.63B active, 8 of 64 experts active (K2: 8 of 384).
+    """One 80 GB GPU: ~2.6B total, ~0.63B active, 8 of 64 experts active (K2: 8 of 384)."""
     return ModelConfig(
         vocab_size=65536, hidden_size=1536, num_layers=16, num_heads=12, q_lora_rank=512, kv_lora_rank=256,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=4096,
@@ -222,7 +229,7 @@ def _k2_2b() -> ModelConfig:
 
 
 def _kimi_k2() -> ModelConfig:
-    # The published Kimi K2 shape (Kimi K2 tech report, Table 2; HF config of moonshotai/Kimi-K2-Base).
+    """The published Kimi K2 shape (Kimi K2 tech report, Table 2; HF config of moonshotai/Kimi-K2-Base)."""
     return ModelConfig(
         vocab_size=163840, hidden_size=7168, num_layers=61, num_heads=64, q_lora_rank=1536, kv_lora_rank=512,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=18432,
@@ -231,6 +238,7 @@ def _kimi_k2() -> ModelConfig:
     )
 
 
+# Each preset's docstring is its line in --help.
 PRESETS = {"tiny": _tiny, "small": _small, "k2-2b": _k2_2b, "kimi-k2": _kimi_k2}
 
 
