@@ -73,8 +73,11 @@ def _result_name(messages: list[dict], i: int) -> str:
     return found
 
 
-def pieces(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False):
-    """The conversation as (string, is_special, trained) pieces, in order; raises ConversationError."""
+def pieces(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False, start: int = 0):
+    """The conversation as (string, is_special, trained) pieces, in order; raises ConversationError.
+
+    With start > 0, only the pieces of messages[start:] (and the generation prompt): what follows
+    the first `start` messages in the whole conversation's rendering, the tools turn included in those."""
     errors = check_conversation(messages, tools)
     if errors:
         raise ConversationError("; ".join(errors))
@@ -91,12 +94,14 @@ def pieces(messages: list[dict], tools: list[dict] | None = None, add_generation
         text(name)
         special(MIDDLE)
 
-    if tools:
+    if tools and start == 0:
         special(SYSTEM)
         header("tools")
         text(_text(tools))
         special(END)
     for i, m in enumerate(messages):
+        if i < start:
+            continue
         special(_OPEN[m["role"]])
         if m["role"] == "assistant":
             text(m.get("content") or "", True)
@@ -146,6 +151,16 @@ def render_conversation(tokenizer, messages, tools=None) -> Rendered:
 def render_generation_prompt(tokenizer, messages, tools=None) -> list[int]:
     """Token ids of the conversation so far followed by <|im_assistant|>: the model writes the next turn."""
     return _encode(tokenizer, pieces(messages, tools, add_generation_prompt=True)).ids
+
+
+def continuation_ids(tokenizer, messages, start: int) -> list[int]:
+    """Token ids of messages[start:] followed by <|im_assistant|>: what a multi-turn rollout appends
+    after the model's own tokens for messages[:start] (its turn, as it wrote it), e.g. the results
+    of the tools it called, so the model writes its next turn. The same ids the whole conversation's
+    generation prompt ends with (text between delimiters is encoded on its own)."""
+    if not isinstance(start, int) or not 0 < start <= len(messages):
+        raise ValueError(f"continuation_ids: start = {start!r}; it must be in [1, {len(messages)}]")
+    return _encode(tokenizer, pieces(messages, None, add_generation_prompt=True, start=start)).ids
 
 
 # ---------------------------------------------------------------- parsing the model's turn

@@ -21,7 +21,8 @@ class Rows:
     to be routed, so the routers' load counts (and the bias update) see only real tokens, whichever
     samples share a micro-batch: that is what makes 2 processes count what 1 process counts.
     The objectives read per-sample [S, T] tensors: index_ST maps them into the row (mask_ST True on
-    the response's targets); routing_L1NK holds the recorded experts of every input, if recorded.
+    the response's targets the model drew; an environment's ids, e.g. tool results, take no loss);
+    routing_L1NK holds the recorded experts of every input, if recorded.
     """
 
     def __init__(self, groups: list[Group], device):
@@ -39,7 +40,7 @@ class Rows:
             documents += [i] * (len(seq) - 1)
             # The response's targets sit at the inputs P-1 .. P+n-2 of this document.
             self.index_ST[i, :n] = torch.arange(start + P - 1, start + P - 1 + n)
-            self.mask_ST[i, :n] = True
+            self.mask_ST[i, :n] = torch.tensor(s.from_model)  # no loss on an environment's ids
             self.sample_logp_ST[i, :n] = torch.tensor(s.logprobs)
             routing.append(s.routing)
         self.inputs_1N = torch.tensor([inputs], device=device)

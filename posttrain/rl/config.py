@@ -11,27 +11,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
+from launch import cli_help
 from launch.config import ConfigArgumentParser, flag, load_file, parse_value
-from moe.config import ConfigError, check_field_types, check_keys
-
-
-def _f(default, doc: str):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+from moe.config import ConfigError, check_field_types, check_keys, doc_field as _f
 
 
 @dataclass
 class RLConfig:
     init_from: str | None = _f(None, "run directory, checkpoint or Hugging Face directory of the policy to start from (an SFT run)")
-    out_dir: str | None = _f(None, "run directory to write (default: runs/rl-<time>)")
+    out_dir: str | None = _f(None, "run directory to write; None: runs/rl-<time>")
     resume: bool = _f(False, "continue the run in --out-dir from its newest good checkpoint")
     seed: int = _f(0, "seed of the problems drawn, the samples and the held-out set")
     device: str = _f("auto", "auto | cpu | cuda")
     # Task and problems
-    task: str = _f("arithmetic", "verifiable task (posttrain/rl/tasks.py): arithmetic")
+    task: str = _f("arithmetic", "verifiable task (posttrain/rl/tasks.py): arithmetic, reverse, tools "
+                                   "(the live tool loop, multi-turn), reasoning_gym (any reasoning-gym dataset)")
     task_args: dict = _f({}, "keyword arguments of the task's problem generator, e.g. {digits: [1, 2, 3]}")
     train_problems: int = _f(2000, "problems in the training pool")
     eval_problems: int = _f(200, "held-out problems scored greedily every eval_every iterations")
@@ -39,7 +35,9 @@ class RLConfig:
     iterations: int = _f(40, "RL iterations: sample, score, train")
     prompts_per_iteration: int = _f(16, "groups (prompts) in flight per iteration, across all processes")
     samples_per_prompt: int = _f(8, "responses sampled per prompt (k)")
-    max_response_tokens: int = _f(48, "token budget of one response; a response that reaches it is truncated")
+    max_response_tokens: int = _f(48, "token budget of one response; a response that reaches it is truncated "
+                                      "(multi-turn: every token after the prompt, tool results included)")
+    max_turns: int = _f(4, "assistant turns per episode of a multi-turn task (tools)")
     partial_rollout_tokens: int = _f(0, "tokens a response may grow by per iteration (k1.5 partial rollouts); "
                                         "0: whole responses")
     temperature: float = _f(1.0, "sampling temperature at the first iteration")
@@ -76,6 +74,8 @@ class RLConfig:
     eval_every: int = _f(5, "iterations between held-out evaluations (and at the first and last)")
     checkpoint_every: int = _f(10, "iterations between checkpoints (and at the last)")
     keep_checkpoints: int = _f(2, "newest complete checkpoints kept; 0 keeps all")
+    tensorboard: bool = _f(True, "also write the logged scalars as TensorBoard events in out_dir/tensorboard")
+    wandb: bool = _f(False, "also log them to an offline Weights & Biases run in out_dir/wandb (needs the wandb package)")
     dist_timeout_s: float = _f(600.0, "collective timeout under a launcher")
 
     def __post_init__(self):
@@ -114,7 +114,7 @@ class RLConfig:
 _RANGES = [
     (("train_problems", "eval_problems", "iterations", "prompts_per_iteration", "samples_per_prompt",
       "max_response_tokens", "sample_batch_size", "steps_per_iteration", "micro_batch_groups", "ptx_batch",
-      "ptx_seq_len", "eval_every", "dist_timeout_s", "loop_repeats", "min_trials"), lambda v: v > 0, "> 0"),
+      "ptx_seq_len", "eval_every", "dist_timeout_s", "loop_repeats", "min_trials", "max_turns"), lambda v: v > 0, "> 0"),
     (("partial_rollout_tokens", "length_penalty", "length_penalty_after", "truncation_penalty", "repetition_penalty",
       "loop_period", "lr", "weight_decay", "grad_clip", "ptx_weight", "checkpoint_every", "keep_checkpoints"),
      lambda v: v >= 0, ">= 0"),
@@ -128,18 +128,11 @@ HELP = ("python -m posttrain.rl", "RL on verifiable rewards from a fine-tuned po
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ConfigArgumentParser(prog=HELP[0], description=HELP[1])
+    parser = ConfigArgumentParser(prog=HELP[0], description=HELP[1], formatter_class=cli_help.HelpFormatter)
     parser.add_argument("--config", help="YAML or TOML file of RLConfig fields (a run's config.yaml works)")
     # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    hints = typing.get_type_hints(RLConfig)
-    for f in fields(RLConfig):
-        hint = hints[f.name]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        bool_flag = {"nargs": "?", "const": "true"} if hint is bool else {}
-        kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # str | None -> STR
-        parser.add_argument(flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['doc']} "
-                            f"(default: {default})", metavar=kinds[0].__name__.upper(), **bool_flag)
+    cli_help.add_field_flags(parser, RLConfig, {})
     return parser
 
 

@@ -4,10 +4,15 @@
     task.train[i]   # {"id", "prompt" (the user's message), "answer", "difficulty", ...}
     task.verify(problem, text) -> (reward in [0, 1], reason)   # never raises: malformed output scores 0
 
+A multi-turn task (`tools`: the live tool loop, posttrain/rl/tool_tasks.py) has an `environment`
+class: its problems carry "messages" (and "tools") to render the prompt from, each sample plays an
+episode, and verify(problem, episode) scores the episode instead of a text.
+
 The held-out set does not move with the run's seed, so runs with different seeds, objectives or
 optimizers are scored on the same problems; its problems never appear in the pool (their text
 hashes to the other split). To add a task: a module with make_problems(n, seed, split=..., **args)
-and verify(problem, text), and one line in TASKS.
+and verify(problem, text), and one line in TASKS; a multi-turn task adds ENVIRONMENT, a class
+taking (tokenizer, max_turns) with start(problem) -> episode and respond(sample, turn) (rollout.py).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from moe.config import ConfigError
-from posttrain.rl import arithmetic, digits
+from posttrain.rl import arithmetic, digits, gym_tasks, tool_tasks
 
-TASKS = {"arithmetic": arithmetic, "reverse": digits}
+TASKS = {"arithmetic": arithmetic, "reverse": digits, "tools": tool_tasks, "reasoning_gym": gym_tasks}
 HELDOUT_SEED = 7
 
 
@@ -29,6 +34,7 @@ class Task:
     train: list[dict]
     heldout: list[dict]
     verify: Callable[[dict, object], tuple[float, str]]
+    environment: type | None = None  # multi-turn tasks: built with (tokenizer, max_turns)
 
 
 def build_task(name: str, args: dict, n_train: int, n_eval: int, seed: int) -> Task:
@@ -43,4 +49,4 @@ def build_task(name: str, args: dict, n_train: int, n_eval: int, seed: int) -> T
         heldout = module.make_problems(n_eval, HELDOUT_SEED, split="heldout", **args)
     except ValueError as err:
         raise ConfigError(f"task_args: {err}") from None
-    return Task(name, train, heldout, module.verify)
+    return Task(name, train, heldout, module.verify, getattr(module, "ENVIRONMENT", None))

@@ -5,7 +5,10 @@ One iteration (Kimi k1.5 §2.3):
                 probability proportional to 1 - s_i, its success rate so far (prompt_pool.py)
   2. sample     k responses per prompt with the model's own sampler (moe.generate: batched, MLA's
                 compressed cache, per-token log-probabilities and experts kept); with partial
-                rollouts, unfinished responses wait for the next iteration (rollout.py)
+                rollouts, unfinished responses wait for the next iteration (rollout.py); on a
+                multi-turn task (--task tools) a sample is a whole episode of the live tool loop:
+                each turn's calls run and their results are appended for the model to read, with
+                no loss taken on them (tool_tasks.py)
   3. score      the task's verifier; rewards shaped by the length penalty, truncation and loop
                 penalties (rewards.py); the pool learns each problem's success rate
   4. reference  log-probabilities of the samples under the policy pi_i this iteration starts from
@@ -48,24 +51,25 @@ from launch import checkpoint, resume, run_dir
 from launch.config import timestamped_run_dir
 from launch.distributed import DistInfo, init_distributed, launched
 from launch.engine import LocalStepper, StepResult, finish_step
-from launch.metrics import MetricsLog
+from launch.metrics import MetricsLog, check_writers
 from launch.pretrained import load_pretrained
 from launch.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.train import autocast, on_main, pick_device, run_cli
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 from posttrain.chat import render_generation_prompt
-from posttrain.policy import chat_stops, generate_batched
+from posttrain.policy import chat_stops
 from posttrain.rl import objectives
 from posttrain.rl.config import RLConfig, parse
 from posttrain.rl.prompt_pool import PromptPool
 from posttrain.rl.rewards import shape_rewards
 from posttrain.rl.batch import Rows, eval_logprobs, token_logprobs
-from posttrain.rl.rollout import Group, GrowSettings, grow, new_group
+from posttrain.rl.rollout import Group, GrowSettings, Sample, grow, new_group
 from posttrain.rl.tasks import build_task
 
-# Fields a resume may change: how long, how often to evaluate and save, how many checkpoints to keep.
-FREE = {"iterations", "eval_every", "checkpoint_every", "keep_checkpoints", "dist_timeout_s", "device", "resume", "out_dir"}
+# Fields a resume may change: how long, how often to evaluate and save, how many checkpoints to keep, where metrics go.
+FREE = {"iterations", "eval_every", "checkpoint_every", "keep_checkpoints", "dist_timeout_s", "device", "resume", "out_dir",
+        "tensorboard", "wandb"}
 
 
 def _world(info: DistInfo | None) -> tuple[int, int]:
@@ -89,6 +93,8 @@ class Trainer:
         self.cfg, self.model, self.tokenizer, self.info, self.device = cfg, model, tokenizer, info, device
         self.rank, self.world = _world(info)
         self.task = build_task(cfg.task, cfg.task_args, cfg.train_problems, cfg.eval_problems, cfg.seed)
+        # A multi-turn task's environment answers each turn's end (tool results); None: one turn.
+        self.environment = None if self.task.environment is None else self.task.environment(tokenizer, cfg.max_turns)
         self.prompts = [self.prompt(p) for p in self.task.train]
         self.heldout_prompts = [self.prompt(p) for p in self.task.heldout]
         longest = max(map(len, self.prompts + self.heldout_prompts))
@@ -106,7 +112,15 @@ class Trainer:
         self.ptx = self._ptx_batches() if cfg.ptx_weight > 0 else None
 
     def prompt(self, problem: dict) -> list[int]:
-        return render_generation_prompt(self.tokenizer, [{"role": "user", "content": problem["prompt"]}])
+        messages = problem.get("messages") or [{"role": "user", "content": problem["prompt"]}]
+        return render_generation_prompt(self.tokenizer, messages, problem.get("tools"))
+
+    def episode(self, problem: dict) -> dict | None:
+        return None if self.environment is None else self.environment.start(problem)
+
+    def verdict(self, problem: dict, sample: Sample) -> tuple[float, str]:
+        """The verifier on what it scores: a multi-turn sample's episode, else the response's text."""
+        return self.task.verify(problem, sample.episode if self.environment is not None else self.text(sample.tokens))
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([t for t in tokens if t not in self.stops])
@@ -144,7 +158,8 @@ class Trainer:
         k, missing = self.cfg.samples_per_prompt, self.cfg.prompts_per_iteration - len(self.buffer)
         for problem in self.pool.draw(missing) if missing > 0 else []:
             seed = (self.cfg.seed * 1_000_003 + self.next_slot) * k
-            self.buffer.append((self.next_slot, new_group(problem, self.prompts[problem], k, seed)))
+            group = new_group(problem, self.prompts[problem], k, seed, self.episode(self.task.train[problem]))
+            self.buffer.append((self.next_slot, group))
             self.next_slot += 1
 
     def sample(self, iteration: int) -> int:
@@ -154,7 +169,7 @@ class Trainer:
             budget=cfg.max_response_tokens, segment=cfg.partial_rollout_tokens or cfg.max_response_tokens,
             temperature=cfg.temperature_at(iteration), top_p=None if cfg.top_p == 1 else cfg.top_p,
             stop_tokens=self.stops, loop_period=cfg.loop_period, loop_repeats=cfg.loop_repeats,
-            record_routing=cfg.routing_replay, batch_size=cfg.sample_batch_size)
+            record_routing=cfg.routing_replay, batch_size=cfg.sample_batch_size, environment=self.environment)
         mine = [(slot, g) for slot, g in self.buffer if slot % self.world == self.rank and not g.finished]
         with autocast(self.device):  # the precision the training forward runs in
             drawn = grow(self.model, [s for _, g in mine for s in g.samples], settings)
@@ -174,19 +189,19 @@ class Trainer:
         by_difficulty: dict[str, list[int]] = {}  # lengths of the correct samples per difficulty
         for g in groups:
             problem = self.task.train[g.problem]
-            verdicts = [self.task.verify(problem, self.text(s.tokens)) for s in g.samples]
+            verdicts = [self.verdict(problem, s) for s in g.samples]
             correct = [v[0] == 1.0 and s.finish == "stop" for v, s in zip(verdicts, g.samples)]
-            shaped = shape_rewards(correct, [len(s.tokens) for s in g.samples], [s.finish for s in g.samples],
+            shaped = shape_rewards(correct, [s.model_tokens for s in g.samples], [s.finish for s in g.samples],
                                    length_weight=length_weight, truncation_penalty=cfg.truncation_penalty,
                                    repetition_penalty=cfg.repetition_penalty)
             for s, r, (_, reason) in zip(g.samples, shaped, verdicts):
                 s.reward, s.reason = r, reason
             self.pool.update(g.problem, float(sum(correct)), len(correct))
             correct_all += correct
-            lengths += [len(s.tokens) for s in g.samples]
-            correct_lengths += [len(s.tokens) for s, c in zip(g.samples, correct) if c]
+            lengths += [s.model_tokens for s in g.samples]
+            correct_lengths += [s.model_tokens for s, c in zip(g.samples, correct) if c]
             by_difficulty.setdefault(str(problem["difficulty"]), []).extend(
-                len(s.tokens) for s, c in zip(g.samples, correct) if c)
+                s.model_tokens for s, c in zip(g.samples, correct) if c)
             finishes += [s.finish for s in g.samples]
             rewards += shaped
         n = len(lengths)
@@ -261,19 +276,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Greedy responses to the held-out problems: accuracy, and mean length overall and when right."""
+        """Greedy responses to the held-out problems (whole episodes for a multi-turn task): accuracy,
+        and mean length (the model's tokens) overall and when right."""
+        samples = [Sample(i, 0, list(prompt), episode=self.episode(problem))
+                   for i, (prompt, problem) in enumerate(zip(self.heldout_prompts, self.task.heldout))]
+        budget = self.cfg.max_response_tokens
+        settings = GrowSettings(budget=budget, segment=budget, temperature=0.0, top_p=None, stop_tokens=self.stops,
+                                loop_period=0, loop_repeats=1, record_routing=False,
+                                batch_size=self.cfg.sample_batch_size, environment=self.environment)
         with autocast(self.device):
-            out = generate_batched(self.model, self.heldout_prompts, self.cfg.max_response_tokens,
-                                   self.cfg.sample_batch_size, self.stops)
-        texts = [self.text(t) for t in out.tokens]
-        verdicts = [self.task.verify(p, t) for p, t in zip(self.task.heldout, texts)]
-        right = [len(t) for t, (r, _) in zip(out.tokens, verdicts) if r == 1.0]
+            grow(self.model, samples, settings)
+        verdicts = [self.verdict(p, s) for p, s in zip(self.task.heldout, samples)]
+        right = [s.model_tokens for s, (r, _) in zip(samples, verdicts) if r == 1.0]
         by_difficulty: dict[str, list[float]] = {}
         for problem, (reward, _) in zip(self.task.heldout, verdicts):
             by_difficulty.setdefault(str(problem["difficulty"]), []).append(reward)
-        return {"heldout_accuracy": len(right) / len(texts),
+        return {"heldout_accuracy": len(right) / len(samples),
                 "heldout_by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_difficulty.items())},
-                "heldout_tokens": sum(map(len, out.tokens)) / len(texts),
+                "heldout_tokens": sum(s.model_tokens for s in samples) / len(samples),
                 "heldout_correct_tokens": sum(right) / len(right) if right else None}
 
     def iterate(self, iteration: int) -> dict:
@@ -320,6 +340,7 @@ def run(cfg: RLConfig) -> dict:
         objectives.check(cfg.objective, **cfg.objective_args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_writers(cfg.tensorboard, cfg.wandb)
     device = pick_device(cfg.device)
     info = None
     if launched():
@@ -379,7 +400,8 @@ def _run(cfg: RLConfig, info, device, out: Path, ckpt: str | None) -> dict:
         print(f"RL from {cfg.init_from}: {cfg.objective}, {cfg.samples_per_prompt} samples x "
               f"{cfg.prompts_per_iteration} prompts per iteration on {world} x {device.type}; writing {out}"
               + (f"; resuming at iteration {start}" if ckpt else ""), file=sys.stderr)
-    log = MetricsLog(out / "metrics.jsonl") if is_main else None
+    log = MetricsLog(out / "metrics.jsonl", step_key="iteration", tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                     first_step=start + 1 if start else 0) if is_main else None
     meta = {"kind": "rl", "model_config": dataclasses.asdict(model.cfg), "train_config": config}
     t_start = time.perf_counter()
     first = last_eval = None
