@@ -1,4 +1,4 @@
-"""posttrain/rl/arithmetic.py: problems and splits, the systematic slip, SFT data rates, the verifier."""
+"""posttrain/rl/tasks/arithmetic.py: problems and splits, the systematic slip, SFT data rates, the verifier."""
 
 import random
 import re
@@ -6,7 +6,7 @@ import re
 import pytest
 
 from posttrain.conversations import check_record, load_conversations
-from posttrain.rl.arithmetic import (ANSWER, PADDING, accuracy, make_problems, response, sft_records,
+from posttrain.rl.tasks.arithmetic import (ANSWER, PADDING, accuracy, make_problems, response, sft_records,
                                      slipped_answer, verify, write_jsonl)
 from posttrain.tasks import split_of
 

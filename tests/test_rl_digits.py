@@ -1,9 +1,9 @@
-"""Digit reversal (posttrain/rl/digits.py): problems, splits, the SFT data's slip and padding, the verifier."""
+"""Digit reversal (posttrain/rl/tasks/digits.py): problems, splits, the SFT data's slip and padding, the verifier."""
 
 import pytest
 
 from posttrain.conversations import check_record
-from posttrain.rl import digits
+from posttrain.rl.tasks import digits
 
 
 def test_problems_are_deterministic_split_and_reversed():

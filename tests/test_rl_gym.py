@@ -1,4 +1,4 @@
-"""The reasoning_gym RL task (posttrain/rl/gym_tasks.py): problems from the package, scored by its own scorer.
+"""The reasoning_gym RL task (posttrain/rl/tasks/gym.py): problems from the package, scored by its own scorer.
 
 Reference: reasoning-gym's dataset entries and score functions, which we did not write.
 """
@@ -7,7 +7,7 @@ import pytest
 import reasoning_gym
 
 from moe.config import ConfigError
-from posttrain.rl import gym_tasks
+from posttrain.rl.tasks import gym as gym_tasks  # "gym" alone reads as another package here
 from posttrain.rl.tasks import build_task
 from posttrain.tasks import split_of
 

@@ -1,4 +1,4 @@
-"""RL on the live tool loop (posttrain/rl/tool_tasks.py): multi-turn rollouts, their training rows, and runs.
+"""RL on the live tool loop (posttrain/rl/tasks/tool_loop.py): multi-turn rollouts, their training rows, and runs.
 
 References: the chat renderer's whole-conversation rendering and loss mask (what SFT trains on) for
 the ids a rollout appends; the executor's own score for the reward; the model's teacher-forced
@@ -19,7 +19,7 @@ from posttrain import sft
 from posttrain.chat import continuation_ids, render_conversation, render_generation_prompt
 from posttrain.executor import take_turn
 from posttrain.policy import chat_stops
-from posttrain.rl import tool_tasks
+from posttrain.rl.tasks import tool_loop as tool_tasks
 from posttrain.rl.batch import Rows, token_logprobs
 from posttrain.rl.config import parse
 from posttrain.rl.rollout import GrowSettings, Sample, grow, new_group

@@ -17,7 +17,7 @@ from launch.pretrained import load_pretrained
 from launch.train import run as train_run
 from moe.config import ConfigError
 from posttrain import sft
-from posttrain.rl import arithmetic, digits
+from posttrain.rl.tasks import arithmetic, digits
 from posttrain.rl.config import parse
 from posttrain.rl.train import run
 

@@ -26,7 +26,7 @@ class RLConfig:
     seed: int = _f(0, "seed of the problems drawn, the samples and the held-out set")
     device: str = _f("auto", "auto | cpu | cuda")
     # Task and problems
-    task: str = _f("arithmetic", "verifiable task (posttrain/rl/tasks.py): arithmetic, reverse, tools "
+    task: str = _f("arithmetic", "verifiable task (posttrain/rl/tasks/__init__.py): arithmetic, reverse, tools "
                                    "(the live tool loop, multi-turn), reasoning_gym (any reasoning-gym dataset)")
     task_args: dict = _f({}, "keyword arguments of the task's problem generator, e.g. {digits: [1, 2, 3]}")
     train_problems: int = _f(2000, "problems in the training pool")

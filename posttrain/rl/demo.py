@@ -5,7 +5,7 @@
     2. SFT       posttrain.sft on digit-reversal conversations that mix two strategies, working the
                  reversal out (right) and answering directly by copying the number (a systematic
                  slip), in a proportion that depends on the request's wording, half of them padded
-                 with sentences that compute nothing (posttrain/rl/digits.py): the SFT model starts
+                 with sentences that compute nothing (posttrain/rl/tasks/digits.py): the SFT model starts
                  at an intermediate held-out accuracy (skipped with --sft RUN)
     3. RL        posttrain.rl from the SFT run, once per objective (k15, then grpo) on the same budget,
                  the same problems, seeds and length penalty
@@ -29,7 +29,7 @@ from launch import train
 from launch.metrics import read_metrics
 from posttrain import sft
 from posttrain.demo import new_demo_dir, pretrain_base
-from posttrain.rl import arithmetic, digits
+from posttrain.rl.tasks import arithmetic, digits
 from posttrain.rl import train as rl
 from posttrain.rl.config import parse as parse_rl
 from posttrain.rl.plots import plot_runs

@@ -8,7 +8,7 @@ One iteration (Kimi k1.5 §2.3):
                 rollouts, unfinished responses wait for the next iteration (rollout.py); on a
                 multi-turn task (--task tools) a sample is a whole episode of the live tool loop:
                 each turn's calls run and their results are appended for the model to read, with
-                no loss taken on them (tool_tasks.py)
+                no loss taken on them (tasks/tool_loop.py)
   3. score      the task's verifier; rewards shaped by the length penalty, truncation and loop
                 penalties (rewards.py); the pool learns each problem's success rate
   4. reference  log-probabilities of the samples under the policy pi_i this iteration starts from

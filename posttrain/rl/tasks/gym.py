@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.rl.arithmetic import ANSWER, SPLITS, VERIFY_TAIL
+from posttrain.rl.tasks.arithmetic import ANSWER, SPLITS, VERIFY_TAIL
 from posttrain.tasks import split_of
 
 MAX_ANSWER_CHARS = 400  # longer is reported, not scored (a scorer may be slow on megabytes)

@@ -4,7 +4,7 @@
     task.train[i]   # {"id", "prompt" (the user's message), "answer", "difficulty", ...}
     task.verify(problem, text) -> (reward in [0, 1], reason)   # never raises: malformed output scores 0
 
-A multi-turn task (`tools`: the live tool loop, posttrain/rl/tool_tasks.py) has an `environment`
+A multi-turn task (`tools`: the live tool loop, posttrain/rl/tasks/tool_loop.py) has an `environment`
 class: its problems carry "messages" (and "tools") to render the prompt from, each sample plays an
 episode, and verify(problem, episode) scores the episode instead of a text.
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from moe.config import ConfigError
-from posttrain.rl import arithmetic, digits, gym_tasks, tool_tasks
+from posttrain.rl.tasks import arithmetic, digits, gym, tool_loop
 
-TASKS = {"arithmetic": arithmetic, "reverse": digits, "tools": tool_tasks, "reasoning_gym": gym_tasks}
+TASKS = {"arithmetic": arithmetic, "reverse": digits, "tools": tool_loop, "reasoning_gym": gym}
 HELDOUT_SEED = 7
 
 

@@ -82,4 +82,4 @@ class ToolEnvironment:
         return continuation_ids(self.tokenizer, episode["messages"], before + 1)
 
 
-ENVIRONMENT = ToolEnvironment  # posttrain/rl/tasks.py: the task is multi-turn, played with this
+ENVIRONMENT = ToolEnvironment  # posttrain/rl/tasks/__init__.py: the task is multi-turn, played with this

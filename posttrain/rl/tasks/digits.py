@@ -1,6 +1,6 @@
 """Digit reversal, a verifiable task a model of a few million parameters learns within a CPU budget.
 
-"Reverse the digits of 472." -> "The answer is 274." Multi-digit addition (posttrain/rl/arithmetic.py)
+"Reverse the digits of 472." -> "The answer is 274." Multi-digit addition (posttrain/rl/tasks/arithmetic.py)
 takes a 2M-parameter model thousands of SFT steps (measured: 1% held-out after 150 steps on 2-3 digit
 sums); reversal is learnt in a few hundred.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from posttrain.rl.arithmetic import ANSWER, SPLITS, verify  # noqa: F401  (verify: the task's checker)
+from posttrain.rl.tasks.arithmetic import ANSWER, SPLITS, verify  # noqa: F401  (verify: the task's checker)
 from posttrain.tasks import split_of
 
 TEMPLATES = ["Reverse the digits of {n}.", "Reverse {n}.", "Write {n} backwards.", "What is {n} reversed?",
