@@ -464,6 +464,28 @@ def saved_run_config(out_dir: str) -> dict | None:
     return _file_values(str(out / "config.yaml"))
 
 
+def parse_flat(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None, defaults: dict | None = None):
+    """cls(**values) for a flat config dataclass (RL's, TRM's): `defaults` <- --config FILE <- flags,
+    each flag read by its field's type; with --resume and --out-dir, the run's saved config.yaml
+    replaces `defaults` as the base, so a resume continues the run it names. The parser takes one
+    flag per field (cli_help.add_field_flags) and --config."""
+    args = parser.parse_args(argv)
+    hints = typing.get_type_hints(cls)
+    given = load_file(args.config) if args.config else {}
+    check_keys(given, hints, f"config file {args.config!r}")
+    for name, text in vars(args).items():
+        if name in hints:
+            given[name] = parse_value(text, hints[name], flag(name))
+    base = dict(defaults or {})
+    if given.get("resume") and given.get("out_dir"):
+        saved = Path(given["out_dir"]).expanduser() / "config.yaml"
+        if saved.is_file():
+            base = load_file(str(saved))
+    values = {**base, **given}
+    check_keys(values, hints, cls.__name__)
+    return cls(**values)
+
+
 def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:
     """`--model.FIELD VALUE` / `--data.FIELD=VALUE` from argparse's leftovers into flags[section]."""
     hints = {"model": typing.get_type_hints(ModelConfig), "data": typing.get_type_hints(DataConfig)}

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass
 
 from launch import cli_help
-from launch.config import ConfigArgumentParser, flag, load_file, parse_value
-from moe.config import ConfigError, check_field_types, check_keys, doc_field as _f
+from launch.config import ConfigArgumentParser, parse_flat
+from moe.config import ConfigError, check_field_types, doc_field as _f
 
 
 @dataclass
@@ -138,20 +137,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> RLConfig:
     """Defaults <- --config file <- flags; with --resume, the run's saved config.yaml is the base."""
-    args = build_parser().parse_args(argv)
-    hints = typing.get_type_hints(RLConfig)
-    given = load_file(args.config) if args.config else {}
-    check_keys(given, hints, f"config file {args.config!r}")
-    for name, text in vars(args).items():
-        if name in hints:
-            given[name] = parse_value(text, hints[name], flag(name))
-    base = dict(defaults or {})
-    if given.get("resume") and given.get("out_dir"):
-        from pathlib import Path
-
-        saved = Path(given["out_dir"]).expanduser() / "config.yaml"
-        if saved.is_file():
-            base = load_file(str(saved))
-    values = {**base, **given}
-    check_keys(values, hints, "RLConfig")
-    return RLConfig(**values)
+    return parse_flat(RLConfig, build_parser(), argv, defaults)
