@@ -114,3 +114,17 @@ def all_reduce_router_counts(model: torch.nn.Module) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for r, counts in zip(routers, flat.split([r.tokens_per_expert_E.numel() for r in routers])):
         r.tokens_per_expert_E.copy_(counts)
+
+
+def sum_gradients(model: torch.nn.Module) -> None:
+    """Sum every trainable parameter's gradient over ranks in one collective; a rank's missing
+    gradient (an expert it never routed to) counts as zeros. For trainers that replicate the
+    model without DeepSpeed (RL, TRM): they weight their losses so the sum is the global mean."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from launch import checkpoint
-from launch.config import saved_run_config
+from launch.config import saved_run_config, timestamped_run_dir
 from moe.config import ConfigError
 
 MARKER = "run.json"
@@ -206,3 +206,16 @@ class RunSetup:
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+def new_demo_dir(args, counts: tuple[str, ...], label: str) -> Path:
+    """After checking that the flags `counts` are >= 1: the demo's output directory (--out-dir, else
+    a timestamped one named `label`), created; an existing one is refused, nothing in it touched."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
+    root = Path(args.out_dir or timestamped_run_dir(label))
+    if root.exists():
+        raise ConfigError(f"--out-dir {str(root)!r} exists; the demo writes a new directory (nothing was changed)")
+    root.mkdir(parents=True)
+    return root

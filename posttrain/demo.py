@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from launch import train
-from launch.config import parse_args, timestamped_run_dir
+from launch.config import parse_args
 from launch.metrics import read_metrics
 from launch.pretrained import load_pretrained
-from moe.config import ConfigError
+from launch.run_dir import new_demo_dir
 from posttrain import sft
 from posttrain.policy import ModelPolicy, evaluate_batched
 from posttrain.tasks import make_tasks, write_jsonl
@@ -115,19 +115,6 @@ def plot(results: dict, sft_metrics: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-
-
-def new_demo_dir(args, counts: tuple[str, ...], label: str) -> Path:
-    """After checking that the flags `counts` are >= 1: the demo's output directory (--out-dir, else
-    a timestamped one named `label`), created; an existing one is refused, nothing in it touched."""
-    for name in counts:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
-    root = Path(args.out_dir or timestamped_run_dir(label))
-    if root.exists():
-        raise ConfigError(f"--out-dir {str(root)!r} exists; the demo writes a new directory (nothing was changed)")
-    root.mkdir(parents=True)
-    return root
 
 
 def pretrain_base(out: Path, steps: int, timings: dict) -> str:

@@ -28,7 +28,8 @@ from pathlib import Path
 from launch import train
 from launch.metrics import read_metrics
 from posttrain import sft
-from posttrain.demo import new_demo_dir, pretrain_base
+from launch.run_dir import new_demo_dir
+from posttrain.demo import pretrain_base
 from posttrain.rl.tasks import arithmetic, digits
 from posttrain.rl import train as rl
 from posttrain.rl.config import parse as parse_rl

@@ -49,7 +49,7 @@ import torch.distributed as dist
 import optim
 from launch import checkpoint, resume, run_dir
 from launch.config import timestamped_run_dir
-from launch.distributed import DistInfo, init_distributed, launched
+from launch.distributed import DistInfo, init_distributed, launched, sum_gradients
 from launch.engine import LocalStepper, StepResult, finish_step
 from launch.metrics import MetricsLog, check_writers
 from launch.pretrained import load_pretrained
@@ -74,18 +74,6 @@ FREE = {"iterations", "eval_every", "checkpoint_every", "keep_checkpoints", "dis
 
 def _world(info: DistInfo | None) -> tuple[int, int]:
     return (0, 1) if info is None else (info.rank, info.world_size)
-
-
-def all_reduce_gradients(model: Transformer) -> None:
-    """Sum every parameter's gradient over ranks in one collective (a rank's unused expert: zeros)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
 
 
 class Trainer:
@@ -269,7 +257,7 @@ class Trainer:
         """The gradients summed over ranks, then launch's one-process step: clip, skip a non-finite
         one, update; then the router biases from the global load."""
         if self.world > 1:
-            all_reduce_gradients(self.model)
+            sum_gradients(self.model)
         result = self.stepper.step()
         finish_step(self.model, result)
         return result

@@ -1,0 +1,3 @@
+from trm.train import main
+
+main()

@@ -1,0 +1,339 @@
+"""Train a Tiny Recursive Model: `python -m trm.train --preset tiny-sudoku-mlp` (console script `kimi-trm`).
+
+One optimizer step per supervision step of the batch (trm/supervision.py): every slot of the batch
+takes one supervision step of its example, the loss is backpropagated through the last recursion
+only, the optimizer steps, and slots whose example halted take the next one. The weights' EMA is
+what the evaluations score.
+
+Splits (trm/data/__init__.py): training examples are drawn in a seeded order, epoch after epoch, each with
+a fresh augmentation; validation is scored every eval_every steps (exact accuracy after each
+supervision step, and where the halting head would stop); the EMA weights that score best on
+validation are kept and the test split is scored once with them, at the end. The reference code
+selects checkpoints on the test set; we do not.
+
+Processes: under torchrun every rank holds the model and its own slots, draws from its own shard of
+the training set, and the gradients are averaged over ranks before each step (plain data
+parallelism: TRM's 5-7M parameters fit any device whole).
+
+A run directory as launch.train's: config.yaml, data.json (the splits' sizes, seeds and hardness),
+metrics.jsonl (+ TensorBoard), checkpoints (safetensors + JSON: model, EMA, optimizer, the batch
+in progress, the draw streams; --resume continues exactly), trm.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import optim
+from launch import checkpoint, resume, run_dir
+from launch.config import timestamped_run_dir
+from launch.distributed import DistInfo, init_distributed, launched, sum_gradients
+from launch.metrics import MetricsLog, check_writers
+from launch.train import on_main, pick_device, run_cli
+from moe.config import ConfigError
+from trm.config import TRMConfig, preset
+from trm.model import TRM, parameter_count
+from trm.run_config import TRMRunConfig, parse
+from trm.supervision import Carry, evaluate, new_carry, refill, supervision_step
+from trm.data import PuzzleData, build
+
+# Fields a resume may change: how long, how often to evaluate, log and save.
+FREE = {"steps", "time_budget_s", "eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+        "device", "resume", "out_dir", "tensorboard", "wandb"}
+
+
+class Stream:
+    """Indices of one rank's shard of the training set, a seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int):
+        self.shard = torch.arange(rank, n, world)
+        if len(self.shard) == 0:
+            raise ConfigError(f"the training split has {n} examples: fewer than the {world} processes")
+        self.seed, self.rank, self.epoch, self.position = seed, rank, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 101 + self.rank)
+        return self.shard[torch.randperm(len(self.shard), generator=g)]
+
+    def take(self, k: int) -> torch.Tensor:
+        out = []
+        while k > 0:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            chunk = self._order[self.position : self.position + k]
+            out.append(chunk)
+            self.position += len(chunk)
+            k -= len(chunk)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()
+
+
+def model_config(cfg: TRMRunConfig, data: PuzzleData) -> TRMConfig:
+    for name, value in (("vocab_size", data.vocab_size), ("seq_len", data.seq_len)):
+        if name in cfg.model and cfg.model[name] != value:
+            raise ConfigError(f"model.{name} = {cfg.model[name]}, but the {data.name} data has {name} = {value}; "
+                              f"leave model.{name} out (the data sets it)")
+    return preset(cfg.preset, **{**cfg.model, "vocab_size": data.vocab_size, "seq_len": data.seq_len})
+
+
+class Trainer:
+    def __init__(self, cfg: TRMRunConfig, data: PuzzleData, info: DistInfo | None, device):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.rank, self.world = (0, 1) if info is None else (info.rank, info.world_size)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = TRM(model_config(cfg, data)).to(device)
+        self.optimizer = optim.build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     **cfg.optimizer_args)
+        # Linear warmup, then constant (the paper's schedule).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+        self.ema = None
+        if cfg.ema:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.stream = Stream(len(data.train[0]), cfg.seed, self.rank, self.world)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)  # halting exploration
+        self.draws = 0  # examples drawn by this rank: the seed of each one's augmentation
+        self.carry: Carry = new_carry(self.model, cfg.batch_size, device)
+        self.best = {"val_exact": -1.0, "step": None}
+        self.best_weights = None
+
+    def draw(self, k: int):
+        index = self.stream.take(k)
+        inputs, targets = self.data.train[0][index].clone(), self.data.train[1][index].clone()
+        if self.cfg.augment and self.data.augment is not None:
+            for j in range(k):
+                rng = random.Random(f"{self.cfg.seed}-{self.rank}-{self.draws}")
+                inputs[j], targets[j] = self.data.augment(inputs[j], targets[j], rng)
+                self.draws += 1
+        return index, inputs, targets, torch.zeros(k, dtype=torch.int64)
+
+    def step(self) -> dict:
+        refilled = refill(self.model, self.carry, self.draw, self.generator)
+        steps_before = self.carry.steps_B.clone()
+        loss, figures = supervision_step(self.model, self.carry)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss / self.world).backward()  # each rank's loss is its slots' mean: the sum over ranks / world is the mean
+        if self.world > 1:
+            sum_gradients(self.model)
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        record = {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                  "refilled": refilled, **{k: figures[k] for k in ("cell_loss", "q_loss", "exact", "halted")}}
+        # The loss at each supervision step the batch's slots were at: how much recursion buys in training.
+        record["exact_by_slot_step"] = {str(int(s) + 1): float(figures["exact_B"][steps_before == s].float().mean())
+                                        for s in steps_before.unique()}
+        if not math.isfinite(grad_norm):
+            record["skipped"] = True
+            return record
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            # The decay ramps up to cfg.ema ((1 + t) / (10 + t), as TensorFlow's EMA with num_updates): a
+            # short run's average is not dominated by the random initial weights.
+            t = self.scheduler.last_epoch
+            decay = min(self.cfg.ema, (1 + t) / (10 + t))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1 - decay)
+        return record
+
+    def evaluated_model(self) -> TRM:
+        return self.ema if self.ema is not None else self.model
+
+    def evaluate(self, split: str, model: TRM | None = None) -> dict:
+        inputs, targets = getattr(self.data, split)
+        report = evaluate(model or self.evaluated_model(), inputs, targets, batch_size=self.cfg.eval_batch_size)
+        predictions = report.pop("predictions")
+        verified = sum(self.data.verify(i.tolist(), p.tolist())[0] for i, p in zip(inputs, predictions))
+        return {f"{split}_{k}": v for k, v in report.items()} | {f"{split}_verified": verified / len(inputs)}
+
+    def state_dict(self) -> dict:
+        c = self.carry
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(), "draws": self.draws,
+                 "generator": self.generator.get_state(), "best": dict(self.best), "rng": checkpoint.rng_state(),
+                 "carry": {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.draws = state["draws"]
+        self.generator.set_state(state["generator"])
+        self.best = state["best"]
+        self.best_weights = state.get("best_weights")
+        checkpoint.set_rng_state(state["rng"])
+        self.carry = Carry(**{k: v.to(self.device) for k, v in state["carry"].items()})
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def _open_run(out: Path, cfg: TRMRunConfig) -> dict:
+    resuming = run_dir.check_usable(out, cfg.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.RunLock(out)
+    lock.acquire()
+    ckpt = None
+    if resuming:
+        found, _ = checkpoint.find_resumable(out / "checkpoints", {}, log=lambda m: print(m, file=sys.stderr))
+        ckpt = None if found is None else str(found)
+    return {"ckpt": ckpt, "lock": lock}
+
+
+def run(cfg: TRMRunConfig, data: PuzzleData | None = None) -> dict:
+    """Train as configured; returns the summary also written to summary.json. `data`: the splits
+    build(cfg.task, cfg.task_args, cfg.seed) gives, if already built (the demo shares one set)."""
+    try:
+        optim.check(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.optimizer == "muonclip":
+        raise ConfigError("optimizer = 'muonclip': QK-clip rescales MLA's query and key projections, which TRM "
+                          "does not have; use muon (the same update without the clip) or adamw")
+    check_writers(cfg.tensorboard, cfg.wandb)
+    if data is None:
+        data = build(cfg.task, cfg.task_args, cfg.seed)  # before any file is written: bad task_args cost nothing
+    model_config(cfg, data)
+    device = pick_device(cfg.device)
+    info = None
+    if launched():
+        info = init_distributed(device, 1, 600.0)
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+    out = Path(on_main(info, lambda: cfg.out_dir or timestamped_run_dir("trm")))
+    cfg.out_dir = str(out)
+    opened = {}
+
+    def open_run():
+        opened.update(_open_run(out, cfg))
+        return opened["ckpt"]
+
+    ckpt = on_main(info, open_run)
+    try:
+        return _run(cfg, data, info, device, out, ckpt)
+    finally:
+        if "lock" in opened:
+            opened["lock"].release()
+
+
+def _run(cfg: TRMRunConfig, data: PuzzleData, info, device, out: Path, ckpt: str | None) -> dict:
+    is_main = info is None or info.rank == 0
+    world = 1 if info is None else info.world_size
+    start, changes = 0, {}
+    trainer = Trainer(cfg, data, info, device)
+    if ckpt is not None:
+        manifest = checkpoint.read_manifest(Path(ckpt))
+        changes = resume.compare(manifest["train_config"], {}, cfg.to_dict(), {}, free=FREE, schedule=set())
+        start = manifest["step"]
+        if start >= cfg.steps:
+            raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start}: nothing left "
+                              f"to do; pass --steps above {start} to continue it")
+        trainer.load_state_dict(checkpoint.load(Path(ckpt), rank=trainer.rank))
+    config = cfg.to_dict()
+    model_cfg = trainer.model.cfg
+    if is_main:
+        if ckpt is None:
+            run_dir.mark(out)
+        superseded = run_dir.supersede_metrics(out, start) if cfg.resume else 0
+        run_dir.write_config(out, config)
+        run_dir.append_history(out, {"start_step": start, "checkpoint": ckpt, "changed": changes,
+                                     "superseded_metrics": superseded, "command": sys.argv, "config": config})
+        (out / "data.json").write_text(json.dumps(data.info, indent=2))
+        print(f"TRM {model_cfg.preset} ({parameter_count(trainer.model) / 1e6:.2f}M parameters, {model_cfg.mixer}, "
+              f"T={model_cfg.T} n={model_cfg.n} n_sup={model_cfg.n_sup}) on {data.name}: {len(data.train[0])} train / "
+              f"{len(data.val[0])} val / {len(data.test[0])} test puzzles; {world} x {device.type}; writing {out}"
+              + (f"; resuming at step {start}" if ckpt else ""), file=sys.stderr)
+    log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                     first_step=start + 1 if start else 0) if is_main else None
+    meta = {"kind": "trm", "model_config": dataclasses.asdict(model_cfg), "train_config": config}
+
+    def validate(step: int) -> dict:
+        result = trainer.evaluate("val")
+        if result["val_exact"] > trainer.best["val_exact"]:
+            trainer.best = {"val_exact": result["val_exact"], "step": step}
+            trainer.best_weights = {k: v.clone() for k, v in trainer.evaluated_model().state_dict().items()}
+        return result
+
+    if start == 0 and is_main:
+        log.write({"step": 0, **validate(0)})
+    t0, step, stopped_early, train_s = time.perf_counter(), start, False, 0.0
+    for step in range(start + 1, cfg.steps + 1):
+        t_step = time.perf_counter()
+        record = {"step": step, **trainer.step()}
+        train_s += time.perf_counter() - t_step
+        record["train_s"] = round(train_s, 2)
+        # The budget counts training only: runs that evaluate more often or longer get the same compute.
+        out_of_time = cfg.time_budget_s > 0 and train_s >= cfg.time_budget_s
+        if world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        last = step == cfg.steps or out_of_time
+        if is_main and (step % cfg.eval_every == 0 or last):
+            record.update(validate(step))
+        if log and (step % cfg.log_every == 0 or "val_exact" in record or record.get("skipped")):
+            log.write(record)
+            if "val_exact" in record:
+                print(f"step {step}: loss {record['loss']:.3f}, train exact {record['exact']:.1%}, "
+                      f"val exact {record['val_exact']:.1%} (by step {_short(record['val_exact_by_step'])})",
+                      file=sys.stderr)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+            checkpoint.save(out / "checkpoints", step, trainer.state_dict(), meta, keep=cfg.keep_checkpoints)
+        if out_of_time:
+            stopped_early = True
+            break
+    summary = {"status": "ok", "preset": model_cfg.preset, "steps": step, "start_step": start,
+               "stopped_by_time_budget": stopped_early, "wall_s": round(time.perf_counter() - t0, 1),
+               "train_s": round(train_s, 1),
+               "params": parameter_count(trainer.model), "world_size": world, "device": str(device),
+               "out_dir": str(out), "best_val": trainer.best, "data": data.info}
+    if is_main:
+        if trainer.best_weights is not None:  # test once, with the weights validation chose
+            scored = copy.deepcopy(trainer.evaluated_model())
+            scored.load_state_dict(trainer.best_weights)
+            # In summary.json, not metrics.jsonl: one figure per run, and a run stopped and resumed
+            # must not keep the test score of its first attempt among its records.
+            summary["test"] = trainer.evaluate("test", scored)
+        log.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from trm.plots import plot_run
+
+        plot_run(out / "metrics.jsonl", out / "trm.png", title=f"{model_cfg.preset} on {data.name}")
+        print(json.dumps({k: summary[k] for k in ("status", "steps", "wall_s", "best_val")}
+                         | {"test_exact": summary.get("test", {}).get("test_exact")}), file=sys.stderr)
+    return summary
+
+
+def _short(values: list[float]) -> str:
+    return " ".join(f"{v:.0%}" for v in values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: run(parse(argv)))
+
+
+if __name__ == "__main__":
+    main()
