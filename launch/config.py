@@ -464,6 +464,17 @@ def saved_run_config(out_dir: str) -> dict | None:
     return _file_values(str(out / "config.yaml"))
 
 
+def flat_parser(cls, help: tuple[str, str]) -> argparse.ArgumentParser:
+    """The parser of a flat config dataclass: --config FILE and one flag per field (its doc and
+    default as help); `help` is (prog, description)."""
+    parser = ConfigArgumentParser(prog=help[0], description=help[1], formatter_class=cli_help.HelpFormatter)
+    parser.add_argument("--config", help=f"YAML or TOML file of {cls.__name__} fields (a run's config.yaml works)")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    cli_help.add_field_flags(parser, cls, {})
+    return parser
+
+
 def parse_flat(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None, defaults: dict | None = None):
     """cls(**values) for a flat config dataclass (RL's, TRM's): `defaults` <- --config FILE <- flags,
     each flag read by its field's type; with --resume and --out-dir, the run's saved config.yaml

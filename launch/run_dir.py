@@ -219,3 +219,18 @@ def new_demo_dir(args, counts: tuple[str, ...], label: str) -> Path:
         raise ConfigError(f"--out-dir {str(root)!r} exists; the demo writes a new directory (nothing was changed)")
     root.mkdir(parents=True)
     return root
+
+
+def open_for_training(out: Path, resume: bool) -> dict:
+    """Rank 0 of a trainer whose checkpoints need no layout check (RL, TRM: one replicated model):
+    refuse an unusable directory, lock it, and find the newest good checkpoint when resuming.
+    Returns {"ckpt": its path or None (a fresh start), "lock": the RunLock to release at the end}."""
+    resuming = check_usable(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()
+    ckpt = None
+    if resuming:
+        found, _ = checkpoint.find_resumable(out / "checkpoints", {}, log=lambda m: print(m, file=sys.stderr))
+        ckpt = None if found is None else str(found)
+    return {"ckpt": ckpt, "lock": lock}

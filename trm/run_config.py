@@ -10,8 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from launch import cli_help
-from launch.config import ConfigArgumentParser, parse_flat
+from launch.config import flat_parser, parse_flat
 from moe.config import ConfigError, check_field_types, doc_field as _f
 from trm.config import PRESETS
 
@@ -77,11 +76,7 @@ HELP = ("python -m trm.train", "Train a Tiny Recursive Model (recursion on a lat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ConfigArgumentParser(prog=HELP[0], description=HELP[1], formatter_class=cli_help.HelpFormatter)
-    parser.add_argument("--config", help="YAML or TOML file of TRMRunConfig fields (a run's config.yaml works)")
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    cli_help.add_field_flags(parser, TRMRunConfig, {})
-    return parser
+    return flat_parser(TRMRunConfig, HELP)
 
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> TRMRunConfig:

@@ -191,18 +191,6 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
 
 
-def _open_run(out: Path, cfg: TRMRunConfig) -> dict:
-    resuming = run_dir.check_usable(out, cfg.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_dir.RunLock(out)
-    lock.acquire()
-    ckpt = None
-    if resuming:
-        found, _ = checkpoint.find_resumable(out / "checkpoints", {}, log=lambda m: print(m, file=sys.stderr))
-        ckpt = None if found is None else str(found)
-    return {"ckpt": ckpt, "lock": lock}
-
-
 def run(cfg: TRMRunConfig, data: PuzzleData | None = None) -> dict:
     """Train as configured; returns the summary also written to summary.json. `data`: the splits
     build(cfg.task, cfg.task_args, cfg.seed) gives, if already built (the demo shares one set)."""
@@ -228,7 +216,7 @@ def run(cfg: TRMRunConfig, data: PuzzleData | None = None) -> dict:
     opened = {}
 
     def open_run():
-        opened.update(_open_run(out, cfg))
+        opened.update(run_dir.open_for_training(out, cfg.resume))
         return opened["ckpt"]
 
     ckpt = on_main(info, open_run)

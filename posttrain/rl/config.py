@@ -12,8 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from launch import cli_help
-from launch.config import ConfigArgumentParser, parse_flat
+from launch.config import flat_parser, parse_flat
 from moe.config import ConfigError, check_field_types, doc_field as _f
 
 
@@ -127,12 +126,7 @@ HELP = ("python -m posttrain.rl", "RL on verifiable rewards from a fine-tuned po
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ConfigArgumentParser(prog=HELP[0], description=HELP[1], formatter_class=cli_help.HelpFormatter)
-    parser.add_argument("--config", help="YAML or TOML file of RLConfig fields (a run's config.yaml works)")
-    # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    cli_help.add_field_flags(parser, RLConfig, {})
-    return parser
+    return flat_parser(RLConfig, HELP)
 
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> RLConfig:

@@ -308,19 +308,6 @@ class Trainer:
         return record
 
 
-def _open_run(out: Path, cfg: RLConfig) -> dict:
-    """Rank 0: lock the run directory; the checkpoint to resume from (None: a fresh start)."""
-    resuming = run_dir.check_usable(out, cfg.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_dir.RunLock(out)
-    lock.acquire()
-    ckpt = None
-    if resuming:
-        found, _ = checkpoint.find_resumable(out / "checkpoints", {}, log=lambda m: print(m, file=sys.stderr))
-        ckpt = None if found is None else str(found)
-    return {"ckpt": ckpt, "lock": lock}
-
-
 def run(cfg: RLConfig) -> dict:
     """Train as configured; returns the summary also written to summary.json."""
     try:
@@ -341,7 +328,7 @@ def run(cfg: RLConfig) -> dict:
     opened = {}
 
     def open_run():
-        opened.update(_open_run(out, cfg))
+        opened.update(run_dir.open_for_training(out, cfg.resume))
         return opened["ckpt"]
 
     ckpt = on_main(info, open_run)
