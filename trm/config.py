@@ -41,6 +41,8 @@ class TRMConfig:
     q_loss_weight: float = doc_field(0.5, "weight of the halting head's binary cross-entropy")
     loss: str = doc_field("stablemax", "output loss: stablemax (stable-max cross-entropy, as the reference code) "
                                        "or softmax")
+    ignore_token: int = doc_field(-1, "target token that takes no loss and is not scored (set by the data: ARC's pad); "
+                                      "-1: none")
     puzzle_ids: int = doc_field(0, "distinct puzzle identifiers with an embedding each (ARC); 0: none")
     puzzle_emb_len: int = doc_field(0, "prefix positions the puzzle embedding fills (ARC: 16); 0: none")
     preset: str | None = doc_field(None, "the preset these values came from (a label)")

@@ -19,7 +19,7 @@ from trm.config import PRESETS
 class TRMRunConfig:
     preset: str = _f("tiny-sudoku-mlp", "model preset (trm/config.py): " + ", ".join(PRESETS))
     model: dict = _f({}, "TRMConfig fields over the preset's, e.g. {T: 1, n: 1} (vocab_size, seq_len: from the data)")
-    task: str = _f("sudoku", "puzzle task (trm/data/__init__.py): sudoku, maze")
+    task: str = _f("sudoku", "puzzle task (trm/data/__init__.py): sudoku, maze, arc")
     task_args: dict = _f({}, "keyword arguments of the task's data builder, e.g. {size: 6, train: 2000}")
     augment: bool = _f(True, "a fresh validity-preserving augmentation of every training example drawn")
     out_dir: str | None = _f(None, "run directory to write; None: runs/trm-<time>")
@@ -30,6 +30,8 @@ class TRMRunConfig:
     lr: float = _f(1e-4, "peak learning rate (the paper's 1e-4)")
     weight_decay: float = _f(1.0, "decoupled weight decay (the paper: 1.0 for Sudoku, 0.1 for ARC and Maze)")
     optimizer_args: dict = _f({"betas": [0.9, 0.95]}, "extra keyword arguments of optim.build")
+    puzzle_emb_lr: float = _f(1e-2, "lr of the puzzle embeddings (ARC), AdamW with no weight decay: each id is "
+                                    "seen rarely, so it learns at its own, higher rate (the paper's 1e-2)")
     warmup_steps: int = _f(100, "steps of linear warmup, then a constant lr (the paper's schedule)")
     grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping")
     batch_size: int = _f(64, "slots per process: examples in progress at once (deep supervision)")
@@ -51,7 +53,7 @@ class TRMRunConfig:
         for name in ("batch_size", "steps", "eval_every", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TRMRunConfig.{name} = {getattr(self, name)} must be >= 1")
-        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "time_budget_s", "checkpoint_every",
+        for name in ("lr", "puzzle_emb_lr", "weight_decay", "warmup_steps", "grad_clip", "time_budget_s", "checkpoint_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TRMRunConfig.{name} = {getattr(self, name)} must be >= 0")

@@ -82,8 +82,10 @@ def supervision_step(model: TRM, carry: Carry, training: bool = True) -> tuple[t
     x = model.embed(carry.inputs_BL, carry.puzzle_ids_B if model.puzzle_emb is not None else None)
     carry.y_BLD, carry.z_BLD, logits_BLV, q_B = model.supervise(x, carry.y_BLD, carry.z_BLD)
     predicted_BL = logits_BLV.argmax(-1)
-    exact_B = (predicted_BL == carry.targets_BL).all(-1)
-    cell_loss = token_losses(logits_BLV, carry.targets_BL, cfg.loss).mean(-1)
+    scored_BL = carry.targets_BL != cfg.ignore_token  # ARC's pad cells: no loss, not scored
+    right_BL = (predicted_BL == carry.targets_BL) | ~scored_BL
+    exact_B = right_BL.all(-1)
+    cell_loss = masked_mean(token_losses(logits_BLV, carry.targets_BL, cfg.loss), scored_BL)
     q_loss = F.binary_cross_entropy_with_logits(q_B.float(), exact_B.float(), reduction="none")
     loss = (cell_loss + cfg.q_loss_weight * q_loss).mean()
     carry.steps_B += 1
@@ -92,10 +94,16 @@ def supervision_step(model: TRM, carry: Carry, training: bool = True) -> tuple[t
         halted |= (q_B.detach() > 0) & (carry.steps_B >= carry.min_steps_B)
     carry.halted_B = halted
     figures = {"cell_loss": cell_loss.mean().item(), "q_loss": q_loss.mean().item(),
-               "exact": exact_B.float().mean().item(), "cell_accuracy": (predicted_BL == carry.targets_BL).float().mean().item(),
+               "exact": exact_B.float().mean().item(),
+               "cell_accuracy": (right_BL & scored_BL).sum().item() / max(1, scored_BL.sum().item()),
                "halted": halted.float().mean().item(), "predicted_BL": predicted_BL, "exact_B": exact_B,
                "q_B": q_B.detach()}
     return loss, figures
+
+
+def masked_mean(values_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Per-example mean [B] over the cells where mask is True (an example with none: 0)."""
+    return (values_BL * mask_BL).sum(-1) / mask_BL.sum(-1).clamp_min(1)
 
 
 @torch.no_grad()
@@ -122,9 +130,10 @@ def evaluate(model: TRM, inputs_PL: torch.Tensor, targets_PL: torch.Tensor, puzz
         for step in range(n_sup):
             y, z, logits, q = model.supervise(x, y.to(device), z.to(device))
             predicted = logits.argmax(-1)
-            exact = (predicted == targets).all(-1)
+            scored = targets != model.cfg.ignore_token
+            exact = ((predicted == targets) | ~scored).all(-1)
             exact_per_step[step] += exact.sum().item()
-            loss_per_step[step] += token_losses(logits, targets, model.cfg.loss).mean(-1).sum().item()
+            loss_per_step[step] += masked_mean(token_losses(logits, targets, model.cfg.loss), scored).sum().item()
             first = (q > 0) & ~stopped
             halt_step[sl][first.cpu()] = step + 1
             halt_right[sl][first.cpu()] = exact[first].cpu()

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import optim
 from launch import checkpoint, resume, run_dir
@@ -86,11 +87,27 @@ class Stream:
 
 
 def model_config(cfg: TRMRunConfig, data: PuzzleData) -> TRMConfig:
-    for name, value in (("vocab_size", data.vocab_size), ("seq_len", data.seq_len)):
+    """The preset, the user's fields, and what the data decides (vocabulary, length, puzzle ids, pad)."""
+    given = {"vocab_size": data.vocab_size, "seq_len": data.seq_len, "puzzle_ids": data.num_puzzles,
+             "ignore_token": data.ignore_token}
+    for name, value in given.items():
         if name in cfg.model and cfg.model[name] != value:
             raise ConfigError(f"model.{name} = {cfg.model[name]}, but the {data.name} data has {name} = {value}; "
                               f"leave model.{name} out (the data sets it)")
-    return preset(cfg.preset, **{**cfg.model, "vocab_size": data.vocab_size, "seq_len": data.seq_len})
+    if not data.num_puzzles:
+        given["puzzle_emb_len"] = 0  # a preset's prefix (trm-arc-att's 16) has nothing to hold without puzzle ids
+    elif not cfg.model.get("puzzle_emb_len", preset(cfg.preset).puzzle_emb_len):
+        given["puzzle_emb_len"] = 16  # the paper's ARC prefix, for a preset made for puzzles without ids
+    return preset(cfg.preset, **{**cfg.model, **given})
+
+
+class WithoutPuzzleEmbedding(nn.Module):
+    """The model's parameters less the puzzle embedding, for the registry's optimizer (the same tensors)."""
+
+    def __init__(self, model: TRM):
+        super().__init__()
+        self.embed_tokens, self.layers, self.lm_head, self.q_head = (model.embed_tokens, model.layers, model.lm_head,
+                                                                     model.q_head)
 
 
 class Trainer:
@@ -99,8 +116,12 @@ class Trainer:
         self.rank, self.world = (0, 1) if info is None else (info.rank, info.world_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = TRM(model_config(cfg, data)).to(device)
-        self.optimizer = optim.build(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     **cfg.optimizer_args)
+        self.optimizer = optim.build(cfg.optimizer, WithoutPuzzleEmbedding(self.model), lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay, **cfg.optimizer_args)
+        self.puzzle_optimizer = None
+        if self.model.puzzle_emb is not None:
+            self.puzzle_optimizer = torch.optim.AdamW(self.model.puzzle_emb.parameters(), lr=cfg.puzzle_emb_lr,
+                                                      betas=(0.9, 0.95), weight_decay=0.0)
         # Linear warmup, then constant (the paper's schedule).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -122,13 +143,16 @@ class Trainer:
                 rng = random.Random(f"{self.cfg.seed}-{self.rank}-{self.draws}")
                 inputs[j], targets[j] = self.data.augment(inputs[j], targets[j], rng)
                 self.draws += 1
-        return index, inputs, targets, torch.zeros(k, dtype=torch.int64)
+        ids = torch.zeros(k, dtype=torch.int64) if self.data.puzzle_ids is None else self.data.puzzle_ids[0][index]
+        return index, inputs, targets, ids
 
     def step(self) -> dict:
         refilled = refill(self.model, self.carry, self.draw, self.generator)
         steps_before = self.carry.steps_B.clone()
         loss, figures = supervision_step(self.model, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.puzzle_optimizer is not None:
+            self.puzzle_optimizer.zero_grad(set_to_none=True)
         (loss / self.world).backward()  # each rank's loss is its slots' mean: the sum over ranks / world is the mean
         if self.world > 1:
             sum_gradients(self.model)
@@ -143,6 +167,10 @@ class Trainer:
             record["skipped"] = True
             return record
         self.optimizer.step()
+        if self.puzzle_optimizer is not None:
+            for group in self.puzzle_optimizer.param_groups:  # the same warmup as the rest
+                group["lr"] = self.cfg.puzzle_emb_lr * self.scheduler.get_last_lr()[0] / self.cfg.lr if self.cfg.lr else 0.0
+            self.puzzle_optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             # The decay ramps up to cfg.ema ((1 + t) / (10 + t), as TensorFlow's EMA with num_updates): a
@@ -159,10 +187,16 @@ class Trainer:
 
     def evaluate(self, split: str, model: TRM | None = None) -> dict:
         inputs, targets = getattr(self.data, split)
-        report = evaluate(model or self.evaluated_model(), inputs, targets, batch_size=self.cfg.eval_batch_size)
+        ids = None if self.data.puzzle_ids is None else self.data.puzzle_ids[("train", "val", "test").index(split)]
+        report = evaluate(model or self.evaluated_model(), inputs, targets, ids, batch_size=self.cfg.eval_batch_size)
         predictions = report.pop("predictions")
-        verified = sum(self.data.verify(i.tolist(), p.tolist())[0] for i, p in zip(inputs, predictions))
-        return {f"{split}_{k}": v for k, v in report.items()} | {f"{split}_verified": verified / len(inputs)}
+        out = {f"{split}_{k}": v for k, v in report.items()}
+        if self.data.verify is not None:  # the task's own verifier on each answer (any valid solution counts)
+            verified = sum(self.data.verify(i.tolist(), p.tolist())[0] for i, p in zip(inputs, predictions))
+            out[f"{split}_verified"] = verified / len(inputs)
+        if self.data.score is not None:  # e.g. ARC's pass@2 over augmentations
+            out.update({f"{split}_{k}": v for k, v in self.data.score(split, predictions).items()})
+        return out
 
     def state_dict(self) -> dict:
         c = self.carry
@@ -172,6 +206,8 @@ class Trainer:
                  "carry": {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.puzzle_optimizer is not None:
+            state["puzzle_optimizer"] = self.puzzle_optimizer.state_dict()
         if self.best_weights is not None:
             state["best_weights"] = self.best_weights
         return state
@@ -189,6 +225,8 @@ class Trainer:
         self.carry = Carry(**{k: v.to(self.device) for k, v in state["carry"].items()})
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.puzzle_optimizer is not None:
+            self.puzzle_optimizer.load_state_dict(state["puzzle_optimizer"])
 
 
 def run(cfg: TRMRunConfig, data: PuzzleData | None = None) -> dict:

