@@ -7,6 +7,7 @@ config.yaml (the resolved config), metrics.jsonl, loss.png and summary.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 import optim
 from launch import checkpoint, resume, run_dir
-from launch.config import TrainConfig, default_out_dir, parse_args
+from launch.config import TrainConfig, default_out_dir, parse_args, timestamped_run_dir
 from launch.config_warnings import warnings_for
 from launch.data import build_data, TrainBatches, ValBatches
 from launch.distributed import DistInfo, expert_groups, init_distributed, launched
@@ -173,6 +174,33 @@ def on_main(info: DistInfo | None, fn):
     if error is not None:
         raise error
     return result
+
+
+@contextlib.contextmanager
+def replicated_run(device_name: str, out_dir: str | None, resume: bool, label: str, timeout_s: float):
+    """The start of a trainer that replicates its model on every rank (RL, TRM): pick the device, join
+    the process group under a launcher, name the run directory (default: runs/<label>-<time>), and on
+    rank 0 refuse an unusable one, lock it and find the checkpoint to resume from. Yields
+    (info, device, out, ckpt) and releases the lock when the block ends, however it ends."""
+    device = pick_device(device_name)
+    info = None
+    if launched():
+        info = init_distributed(device, 1, timeout_s)
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+    out = Path(on_main(info, lambda: out_dir or timestamped_run_dir(label)))
+    opened = {}
+
+    def open_run():
+        opened.update(run_dir.open_for_training(out, resume))
+        return opened["ckpt"]
+
+    ckpt = on_main(info, open_run)
+    try:
+        yield info, device, out, ckpt
+    finally:
+        if "lock" in opened:
+            opened["lock"].release()
 
 
 def apply_schedule_change(scheduler, optimizer, cfg: TrainConfig, changes: dict) -> None:

@@ -36,10 +36,9 @@ from torch import nn
 
 import optim
 from launch import checkpoint, resume, run_dir
-from launch.config import timestamped_run_dir
-from launch.distributed import DistInfo, init_distributed, launched, sum_gradients
+from launch.distributed import DistInfo, sum_gradients
 from launch.metrics import MetricsLog, check_writers
-from launch.train import on_main, pick_device, run_cli
+from launch.train import replicated_run, run_cli
 from moe.config import ConfigError
 from trm.config import TRMConfig, preset
 from trm.model import TRM, parameter_count
@@ -243,26 +242,9 @@ def run(cfg: TRMRunConfig, data: PuzzleData | None = None) -> dict:
     if data is None:
         data = build(cfg.task, cfg.task_args, cfg.seed)  # before any file is written: bad task_args cost nothing
     model_config(cfg, data)
-    device = pick_device(cfg.device)
-    info = None
-    if launched():
-        info = init_distributed(device, 1, 600.0)
-        if device.type == "cuda":
-            device = torch.device("cuda", info.local_rank)
-    out = Path(on_main(info, lambda: cfg.out_dir or timestamped_run_dir("trm")))
-    cfg.out_dir = str(out)
-    opened = {}
-
-    def open_run():
-        opened.update(run_dir.open_for_training(out, cfg.resume))
-        return opened["ckpt"]
-
-    ckpt = on_main(info, open_run)
-    try:
+    with replicated_run(cfg.device, cfg.out_dir, cfg.resume, "trm", 600.0) as (info, device, out, ckpt):
+        cfg.out_dir = str(out)
         return _run(cfg, data, info, device, out, ckpt)
-    finally:
-        if "lock" in opened:
-            opened["lock"].release()
 
 
 def _run(cfg: TRMRunConfig, data: PuzzleData, info, device, out: Path, ckpt: str | None) -> dict:

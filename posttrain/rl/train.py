@@ -48,13 +48,12 @@ import torch.distributed as dist
 
 import optim
 from launch import checkpoint, resume, run_dir
-from launch.config import timestamped_run_dir
-from launch.distributed import DistInfo, init_distributed, launched, sum_gradients
+from launch.distributed import DistInfo, sum_gradients
 from launch.engine import LocalStepper, StepResult, finish_step
 from launch.metrics import MetricsLog, check_writers
 from launch.pretrained import load_pretrained
 from launch.tokenizer import BPETokenizer, save_run_tokenizer
-from launch.train import autocast, on_main, pick_device, run_cli
+from launch.train import autocast, replicated_run, run_cli
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 from posttrain.chat import render_generation_prompt
@@ -316,27 +315,9 @@ def run(cfg: RLConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_writers(cfg.tensorboard, cfg.wandb)
-    device = pick_device(cfg.device)
-    info = None
-    if launched():
-        info = init_distributed(device, 1, cfg.dist_timeout_s)
-        if device.type == "cuda":
-            device = torch.device("cuda", info.local_rank)
-    rank, world = _world(info)
-    out = Path(on_main(info, lambda: cfg.out_dir or timestamped_run_dir("rl")))
-    cfg.out_dir = str(out)
-    opened = {}
-
-    def open_run():
-        opened.update(run_dir.open_for_training(out, cfg.resume))
-        return opened["ckpt"]
-
-    ckpt = on_main(info, open_run)
-    try:
+    with replicated_run(cfg.device, cfg.out_dir, cfg.resume, "rl", cfg.dist_timeout_s) as (info, device, out, ckpt):
+        cfg.out_dir = str(out)
         return _run(cfg, info, device, out, ckpt)
-    finally:
-        if "lock" in opened:
-            opened["lock"].release()
 
 
 def _run(cfg: RLConfig, info, device, out: Path, ckpt: str | None) -> dict:
