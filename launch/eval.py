@@ -4,9 +4,9 @@
     python -m launch.eval hf/my-model --data corpus/ --seq-len 512      # any corpus the trainer reads
     python -m launch.eval runs/sft-run --split train --batches 20 --out eval.json
 
-SOURCE is what launch.pretrained.load_pretrained takes: a run directory (its newest good checkpoint),
+SOURCE is what launch.checkpoint.pretrained.load_pretrained takes: a run directory (its newest good checkpoint),
 one of its checkpoints, or a Hugging Face directory. The corpus goes through the trainer's pipeline
-(launch/data.py build_data) with the model's own tokenizer, so documents (or conversations) fall into
+(launch/data/build.py build_data) with the model's own tokenizer, so documents (or conversations) fall into
 the train and validation splits exactly as they did for the trainer, and no tokenizer is trained.
 
 Defaults come from the run when SOURCE is one of ours (the checkpoint's manifest keeps its training
@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 from tokenizers import pre_tokenizers
 
-from launch import checkpoint
-from launch.config import ConfigArgumentParser, _section_flags
-from launch.data import DataConfig, ValBatches, build_data
-from launch.pretrained import load_pretrained
+from launch.checkpoint import store as checkpoint
+from launch.config.training import ConfigArgumentParser, _section_flags
+from launch.data.build import DataConfig, ValBatches, build_data
+from launch.checkpoint.pretrained import load_pretrained
 from launch.train import evaluate, pick_device, run_cli
 from moe.config import ConfigError, from_dict
 from moe.model import IGNORE_INDEX

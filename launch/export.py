@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from launch import checkpoint
+from launch.checkpoint import store as checkpoint
 from moe.config import ModelConfig
 from moe.model import Transformer
 
@@ -58,7 +58,7 @@ def export_with_tokenizer(model: Transformer, ckpt: Path, hf_dir: str) -> None:
     config it implies) when the run kept one: then `AutoTokenizer` loads the directory too."""
     from moe.hf import export_hf
 
-    from launch.pretrained import run_tokenizer_file
+    from launch.checkpoint.pretrained import run_tokenizer_file
 
     saved = run_tokenizer_file(ckpt)
     if not saved.is_file():
@@ -66,7 +66,7 @@ def export_with_tokenizer(model: Transformer, ckpt: Path, hf_dir: str) -> None:
               "writing the model without a tokenizer", file=sys.stderr)
         export_hf(model, hf_dir)
         return
-    from launch.tokenizer import BPETokenizer
+    from launch.data.tokenizer import BPETokenizer
     from posttrain.hf_tokenizer import config_token_ids, export_tokenizer
 
     tokenizer = BPETokenizer.load(str(saved))

@@ -1,6 +1,6 @@
 """Look at runs after the fact: `python -m launch.report RUN [RUN ...] [--out FILE.png]`.
 
-One run: its dashboard (launch/dashboard.py) redrawn from its metrics.jsonl, into <run>/dashboard.png
+One run: its dashboard (launch/metrics/dashboard.py) redrawn from its metrics.jsonl, into <run>/dashboard.png
 unless --out names another file. Several: one figure overlaying them (train and validation loss,
 gradient norm, max attention logit, tokens/s), each run named by its directory and its optimizer
 (from its config.yaml), into ./report.png unless --out names another file, and the table of their
@@ -11,7 +11,7 @@ final figures as JSON beside it (report.json). The table is printed in both case
     tokens/s                 the median over logged steps: the first ones include compilation and warm-up
     max logit                the last max attention logit QK-clip measured (runs without QK-clip: -)
 
-A run is a directory launch.train or posttrain.rl marked as theirs (launch/run_dir.py's run.json)
+A run is a directory launch.train or posttrain.rl marked as theirs (launch/checkpoint/run_dir.py's run.json)
 that holds a metrics.jsonl. A file already at an output path is replaced only if this tool or the
 trainer wrote it; anything else is refused with exit status 2, as is a directory that is not a run.
 """
@@ -23,9 +23,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from launch import dashboard, run_dir
-from launch.config import ConfigArgumentParser
-from launch.metrics import MetricsError, ema, read_metrics
+from launch.metrics import dashboard
+
+from launch.checkpoint import run_dir
+from launch.config.training import ConfigArgumentParser
+from launch.metrics.log import MetricsError, ema, read_metrics
 from launch.train import run_cli
 from moe.config import ConfigError
 

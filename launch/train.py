@@ -20,17 +20,18 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import optim
-from launch import checkpoint, resume, run_dir
-from launch.config import TrainConfig, default_out_dir, parse_args, timestamped_run_dir
-from launch.config_warnings import warnings_for
-from launch.data import build_data, TrainBatches, ValBatches
-from launch.distributed import DistInfo, expert_groups, init_distributed, launched
-from launch.engine import LocalStepper, finish_step
-from launch.dashboard import write_dashboard
-from launch.metrics import MetricsLog, check_writers, plot_losses
-from launch.pretrained import load_pretrained
-from launch.tokenizer import BPETokenizer, save_run_tokenizer
-from launch.mfu import flops_per_token, gpu_peak_flops
+from launch.checkpoint import resume, run_dir
+from launch.checkpoint import store as checkpoint
+from launch.config.training import TrainConfig, default_out_dir, parse_args, timestamped_run_dir
+from launch.config.warnings import warnings_for
+from launch.data.build import build_data, TrainBatches, ValBatches
+from launch.parallel.distributed import DistInfo, expert_groups, init_distributed, launched
+from launch.parallel.engine import LocalStepper, finish_step
+from launch.metrics.dashboard import write_dashboard
+from launch.metrics.log import MetricsLog, check_writers, plot_losses
+from launch.checkpoint.pretrained import load_pretrained
+from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
+from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 from moe.params import count_parameters
@@ -112,8 +113,8 @@ def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, dev
     (stepper, the optimizer whose param groups hold the lr, the DeepSpeed config or None)."""
     if info is None:
         return LocalStepper(model, optimizer, cfg.grad_accum, cfg.grad_clip), optimizer, None
-    from launch.deepspeed_config import build_deepspeed_config
-    from launch.engine import build_deepspeed_stepper
+    from launch.parallel.deepspeed_config import build_deepspeed_config
+    from launch.parallel.engine import build_deepspeed_stepper
 
     ds = build_deepspeed_config(
         micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, dp_size=info.dp_size,
@@ -276,7 +277,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         model = (Transformer(model_cfg) if init is None else init.model.train()).to(device)
         counts = count_parameters(model)
         if info is not None and info.ep_size > 1:
-            from launch.expert_parallel import apply_expert_parallel
+            from launch.parallel.expert_parallel import apply_expert_parallel
 
             ep_group, _, group_name = expert_groups(info.ep_size)
             apply_expert_parallel(model, ep_group, group_name)
@@ -302,7 +303,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         setup.accept(decision, config, start_step, changes)
         save_run_tokenizer(data.tokenizer, str(out))
         if ds_config is not None:
-            from launch.deepspeed_config import write_deepspeed_config
+            from launch.parallel.deepspeed_config import write_deepspeed_config
 
             write_deepspeed_config(ds_config, out)
     val_batches = ValBatches(data.val, cfg.micro_batch_size, cfg.eval_batches)

@@ -111,7 +111,7 @@ def check_keys(values: dict, known, where: str) -> None:
 
 def doc_field(default, doc: str):
     """A dataclass field with a one-line `doc`: its flag's --help text, printed with the default, so
-    the two cannot drift apart (launch/cli_help.py). A dict or list default is copied per instance."""
+    the two cannot drift apart (launch/config/cli_help.py). A dict or list default is copied per instance."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})

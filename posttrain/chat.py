@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from launch.tokenizer import CHAT_TOKENS, SPECIALS
+from launch.data.tokenizer import CHAT_TOKENS, SPECIALS
 from posttrain.conversations import ConversationError, check_conversation, parse_arguments
 
 SYSTEM, USER, ASSISTANT, TOOL, MIDDLE, END, CALL_BEGIN, CALL_END = CHAT_TOKENS

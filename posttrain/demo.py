@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from launch import train
-from launch.config import parse_args
-from launch.metrics import read_metrics
-from launch.pretrained import load_pretrained
-from launch.run_dir import new_demo_dir
+from launch.config.training import parse_args
+from launch.metrics.log import read_metrics
+from launch.checkpoint.pretrained import load_pretrained
+from launch.checkpoint.run_dir import new_demo_dir
 from posttrain import sft
 from posttrain.policy import ModelPolicy, evaluate_batched
 from posttrain.tasks import make_tasks, write_jsonl

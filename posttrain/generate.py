@@ -6,7 +6,7 @@
     python -m posttrain.generate hf/my-model --chat --tools --temperature 0.7 --seed 0
     kimi-generate hf/my-model --chat                   # the same, as the installed console script
 
-SOURCE is what launch.pretrained.load_pretrained takes: a run directory (its newest good checkpoint),
+SOURCE is what launch.checkpoint.pretrained.load_pretrained takes: a run directory (its newest good checkpoint),
 one of its checkpoints, or a Hugging Face directory; the tokenizer is the one kept beside it.
 Exactly one mode:
   --prompt TEXT    a raw continuation of TEXT (no chat format), ending at <|eod|> or max_new_tokens.
@@ -33,8 +33,8 @@ import json
 import sys
 from pathlib import Path
 
-from launch.checkpoint import CheckpointError
-from launch.pretrained import load_pretrained
+from launch.checkpoint.store import CheckpointError
+from launch.checkpoint.pretrained import load_pretrained
 from moe.config import ConfigError
 from moe.generate import generate
 from posttrain.chat import as_message, parse_assistant, render_generation_prompt

@@ -21,7 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from launch.tokenizer import CHAT_TOKENS, EOD
+from launch.data.tokenizer import CHAT_TOKENS, EOD
 
 # The Jinja twin of posttrain.chat.pieces (tests/test_chat.py holds them equal). transformers renders
 # it with trim_blocks and lstrip_blocks; every tag strips the whitespace around it, so the only text

@@ -2,7 +2,7 @@
 (console script `kimi-sft`).
 
 SOURCE is a run directory, one of its checkpoints, or a Hugging Face directory with its tokenizer
-(launch/pretrained.py); CONVERSATIONS is JSONL in the OpenAI messages layout (posttrain/conversations.py).
+(launch/checkpoint/pretrained.py); CONVERSATIONS is JSONL in the OpenAI messages layout (posttrain/conversations.py).
 This is launch.train with other defaults, so everything the trainer does holds: one process,
 torchrun or the deepspeed launcher, ZeRO 1/2/3, expert parallelism, metrics.jsonl and loss.png,
 crash-safe checkpoints, `--resume --out-dir RUN`, export. What SFT sets:
@@ -19,7 +19,7 @@ Every other field and flag is launch.train's (`--help`), e.g. `--steps 300 --seq
 from __future__ import annotations
 
 from launch import train
-from launch.config import parse_args
+from launch.config.training import parse_args
 from moe.config import ConfigError
 
 DEFAULTS = {

@@ -1,6 +1,6 @@
 """Conversations -> packed rows for supervised fine-tuning (`data.format = "chat"`).
 
-    bundle = build_chat_data(cfg, seq_len, tokenizer)     # cfg: launch.data.DataConfig, path = a JSONL file
+    bundle = build_chat_data(cfg, seq_len, tokenizer)     # cfg: launch.data.build.DataConfig, path = a JSONL file
     bundle.train, bundle.val                              # int32 [N, 3, T + 1]: token ids, loss mask, document ids
 
 Shapes: N rows, T = seq_len. Each row is its own example (no stride as in pretraining): whole
@@ -9,13 +9,13 @@ conversations back to back, rendered by posttrain/chat.py, then padding (end-of-
 
     [r, 0] token ids       [r, 1] 1 where the token is one an assistant turn writes      [r, 2] document id
 
-`launch/data_batches.py` turns a batch of rows into (inputs, targets, document ids): targets are the
+`launch/data/batches.py` turns a batch of rows into (inputs, targets, document ids): targets are the
 next tokens where the mask is 1 and the next token is in the same document, -100 (ignored by the
 loss) elsewhere; so the loss covers the assistant's text, calls and closing <|im_end|> only, and the
 model's per-document attention (document_ids_BT) keeps every conversation from seeing another.
 
 Conversations are split into train and validation by `val_fraction` with the rule that holds out
-pretraining documents (launch/data.py's split_indices), then packed greedily in file
+pretraining documents (launch/data/build.py's split_indices), then packed greedily in file
 order. A conversation longer than T + 1 tokens is cut to its first T + 1 and counted in `stats`;
 a row left with no assistant token (a cut that kept only the prompt) is dropped, since its loss
 would be 0/0.
@@ -74,8 +74,8 @@ def pack_conversations(rendered, seq_len: int, pad_id: int) -> tuple[torch.Tenso
 
 
 def build_chat_data(cfg, seq_len: int, tokenizer):
-    """A launch.data.DataBundle of packed conversation rows from the JSONL file `cfg.path`."""
-    from launch.data import DataBundle, split_indices
+    """A launch.data.build.DataBundle of packed conversation rows from the JSONL file `cfg.path`."""
+    from launch.data.build import DataBundle, split_indices
 
     if cfg.path is None:
         raise ConfigError("data.format = 'chat' needs data.path: a JSONL file of conversations "

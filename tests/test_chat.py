@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from launch.tokenizer import (
+from launch.data.tokenizer import (
     EOD, MIN_BPE_VOCAB, SPECIALS, BPETokenizer, BytesTokenizer, bpe_cache_path, save_run_tokenizer,
     train_bpe,
 )
@@ -96,7 +96,7 @@ INJECTED = ([
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [(ROOT / p).read_text() for p in ("launch/data.py", "launch/tokenizer.py", "moe/hf.py", "posttrain/chat.py")]
+    texts = [(ROOT / p).read_text() for p in ("launch/data/build.py", "launch/data/tokenizer.py", "moe/hf.py", "posttrain/chat.py")]
     texts += [json.dumps(c, ensure_ascii=False) for c in CONVERSATIONS.values()]
     return train_bpe(iter([texts]), VOCAB)
 
@@ -205,7 +205,7 @@ def test_template_in_transformers_gives_our_ids_and_mask(tok, hf, name):
 
 
 def test_plain_text_encodes_the_same_in_transformers(tok, hf):
-    text = (ROOT / "launch/data.py").read_text()[:3000] + " 東京 😀\r\n\t  x "
+    text = (ROOT / "launch/data/build.py").read_text()[:3000] + " 東京 😀\r\n\t  x "
     assert hf(text)["input_ids"] == tok.encode(text)  # no bos or eos added
     assert hf.decode(tok.encode(text)) == text == tok.decode(tok.encode(text))
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch import checkpoint, state_files
+from launch.checkpoint import state_files
+from launch.checkpoint import store as checkpoint
 
 META = {"ep_size": 1}
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import moe.model
-from launch import checkpoint
-from launch.config import parse_args
+from launch.checkpoint import store as checkpoint
+from launch.config.training import parse_args
 from launch.train import run
 
 

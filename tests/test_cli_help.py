@@ -9,9 +9,9 @@ from dataclasses import dataclass, fields
 import pytest
 
 import optim
-from launch import cli_help
-from launch.config import TrainConfig, parse_args
-from launch.data import DataConfig
+from launch.config import cli_help
+from launch.config.training import TrainConfig, parse_args
+from launch.data.build import DataConfig
 from moe.config import PRESETS, ModelConfig, doc_field, preset
 from posttrain import sft
 from posttrain.rl.config import RLConfig

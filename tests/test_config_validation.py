@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 import moe.config
-from launch.config import TrainConfig, parse_args, parse_overrides
-from launch.data import DataConfig
+from launch.config.training import TrainConfig, parse_args, parse_overrides
+from launch.data.build import DataConfig
 from launch.train import main
 from moe.config import ConfigError, ModelConfig, from_dict
 

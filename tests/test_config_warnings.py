@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from launch.config import parse_args
-from launch.config_warnings import warnings_for
-from launch.data import build_data
+from launch.config.training import parse_args
+from launch.config.warnings import warnings_for
+from launch.data.build import build_data
 from launch.train import run
 from posttrain import sft
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 import optim
-from launch.config import TrainConfig, parse_args
-from launch.config_warnings import warnings_for
-from launch.data import DataConfig
+from launch.config.training import TrainConfig, parse_args
+from launch.config.warnings import warnings_for
+from launch.data.build import DataConfig
 from moe.config import from_dict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import launch.data as data_mod
-from launch import data_sources, tokenizer as tok_mod
-from launch.data import DataConfig, TrainBatches, ValBatches, build_data, pack, split_documents
-from launch.tokenizer import BytesTokenizer
+import launch.data.build as data_mod
+from launch.data import tokenizer as tok_mod
+from launch.data import sources as data_sources
+from launch.data.build import DataConfig, TrainBatches, ValBatches, build_data, pack, split_documents
+from launch.data.tokenizer import BytesTokenizer
 from moe.config import ConfigError
 
 # Hard cases for a tokenizer: multi-byte UTF-8 (2, 3 and 4 bytes), tabs, CRLF, runs of spaces, a trailing space.

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch import tokenizer as tok_mod
-from launch.data import DataConfig, build_data
+from launch.data import tokenizer as tok_mod
+from launch.data.build import DataConfig, build_data
 from moe.config import ConfigError
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import checkpoint
-
+from launch.checkpoint import store as checkpoint
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from harness import REPO, free_port  # noqa: E402
 

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DeepseekV3ForCausalLM
 
-from launch.config import parse_args
-from launch.data import DataConfig, build_data, split_indices
+from launch.config.training import parse_args
+from launch.data.build import DataConfig, build_data, split_indices
 from launch.eval import main
 from launch.export import main as export_main
-from launch.pretrained import load_pretrained
-from launch.tokenizer import train_bpe
+from launch.checkpoint.pretrained import load_pretrained
+from launch.data.tokenizer import train_bpe
 from launch.train import run
 from moe.config import preset
 from moe.hf import export_hf

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import posttrain.policy as policy_module
-from launch.config import parse_args
-from launch.pretrained import load_pretrained
-from launch.tokenizer import train_bpe
+from launch.config.training import parse_args
+from launch.checkpoint.pretrained import load_pretrained
+from launch.data.tokenizer import train_bpe
 from launch.train import run
 from moe.config import preset
 from moe.generate import Generation, generate

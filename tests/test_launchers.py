@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import parse_args
+from launch.config.training import parse_args
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from harness import REPO, free_port, tiny_train_flags, torchrun  # noqa: E402

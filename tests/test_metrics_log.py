@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch.metrics import MetricsError, MetricsLog, read_metrics
+from launch.metrics.log import MetricsError, MetricsLog, read_metrics
 from moe.config import ConfigError
 
 

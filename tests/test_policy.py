@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import posttrain.policy as policy_module
-from launch.tokenizer import CHAT_TOKENS, BytesTokenizer, train_bpe
+from launch.data.tokenizer import CHAT_TOKENS, BytesTokenizer, train_bpe
 from moe.config import preset
 from moe.generate import Generation, generate
 from moe.model import Transformer

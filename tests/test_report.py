@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch import dashboard, run_dir
-from launch.config import parse_args
-from launch.metrics import read_metrics
+from launch.metrics import dashboard
+
+from launch.checkpoint import run_dir
+from launch.config.training import parse_args
+from launch.metrics.log import read_metrics
 from launch.report import main
 from launch.train import run
 

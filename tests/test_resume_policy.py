@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 import moe.model
-from launch import checkpoint, run_dir
-from launch.config import parse_args
+from launch.checkpoint import run_dir
+from launch.checkpoint import store as checkpoint
+from launch.config.training import parse_args
 from launch.train import TrainingFailed, main, run
 from moe.config import ConfigError
 from test_checkpoint_resume import args, losses
@@ -157,7 +158,7 @@ def test_pickle_payload_planted_in_the_newest_checkpoint_never_runs(finished, tm
 def test_second_trainer_is_refused_while_the_first_holds_the_lock(finished, tmp_path):
     cache, out = copy_of(finished, tmp_path, cut_to=4)
     # A live holder in another process; once it is SIGKILLed, its lock goes with it.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from launch.run_dir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from launch.checkpoint.run_dir import RunLock; "
                                f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -205,8 +206,7 @@ def test_last_step_skipped_is_not_success(finished, tmp_path, monkeypatch):
 def test_full_disk_during_a_checkpoint_ends_with_a_message(finished, tmp_path, monkeypatch):
     import errno
 
-    from launch import state_files
-
+    from launch.checkpoint import state_files
     cache, _ = finished
     real_save = state_files.save_file
     calls = {"n": 0}

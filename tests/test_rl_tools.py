@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.pretrained import load_pretrained
+from launch.checkpoint.pretrained import load_pretrained
 from launch.train import run as train_run
 from moe.config import ConfigError
 from posttrain import sft

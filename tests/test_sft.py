@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from launch.data_batches import TrainBatches, ValBatches
-from launch.pretrained import load_pretrained
+from launch.data.batches import TrainBatches, ValBatches
+from launch.checkpoint.pretrained import load_pretrained
 from launch.train import run
 from moe.config import ConfigError
 from moe.model import IGNORE_INDEX
@@ -179,7 +179,7 @@ def test_sft_starts_from_the_run_learns_and_resumes(base_run, tmp_path):
 
 
 def sft_val_rows(root, base):
-    from launch.data import DataConfig
+    from launch.data.build import DataConfig
     from posttrain.sft_data import build_chat_data
 
     return build_chat_data(DataConfig(path=str(root / "traces.jsonl"), format="chat"), 192, base.tokenizer).val

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.config import TrainConfig, parse_args
+from launch.config.training import TrainConfig, parse_args
 from launch.train import lr_factor, run
 from moe.config import ConfigError
 

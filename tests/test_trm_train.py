@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpoint import load, latest
+from launch.checkpoint.store import load, latest
 from moe.config import ConfigError
 from trm.run_config import parse
 from trm.data import build

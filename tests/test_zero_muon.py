@@ -1,4 +1,4 @@
-"""Distributed Muon's bookkeeping (launch/zero_muon.py) on real models' Muon groups, without processes:
+"""Distributed Muon's bookkeeping (launch/parallel/zero_muon.py) on real models' Muon groups, without processes:
 which matrices each rank orthogonalises and which gradient range it must fetch. The exchange itself
 runs against the single-process optimizer in tests/test_distributed.py (DP=2 under ZeRO-1/2, EP=2).
 """
@@ -6,7 +6,7 @@ runs against the single-process optimizer in tests/test_distributed.py (DP=2 und
 import pytest
 import torch
 
-from launch.zero_muon import matrix_momentum, needed_range, overlapping_matrices
+from launch.parallel.zero_muon import matrix_momentum, needed_range, overlapping_matrices
 from moe.config import preset
 from moe.model import Transformer
 from optim.muon import matrices, model_param_groups

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from launch.metrics import read_metrics
-from launch.run_dir import new_demo_dir
+from launch.metrics.log import read_metrics
+from launch.checkpoint.run_dir import new_demo_dir
 from launch.train import run_cli
 from moe.config import ConfigError
 from trm.data import build

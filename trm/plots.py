@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.metrics import read_metrics
+from launch.metrics.log import read_metrics
 
 
 def plot_run(metrics: Path, png: Path, title: str = "") -> None:

@@ -1,6 +1,6 @@
 """`python -m trm.train` settings: defaults <- --config FILE <- flags, as launch.train and posttrain.rl.
 
-Every field's one-line doc is its --help text (launch/cli_help.py). A run writes its resolved config
+Every field's one-line doc is its --help text (launch/config/cli_help.py). A run writes its resolved config
 to <out_dir>/config.yaml, itself a valid --config; with --resume that file is the base.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from launch.config import flat_parser, parse_flat
+from launch.config.training import flat_parser, parse_flat
 from moe.config import ConfigError, check_field_types, doc_field as _f
 from trm.config import PRESETS
 

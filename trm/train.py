@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 import optim
-from launch import checkpoint, resume, run_dir
-from launch.distributed import DistInfo, sum_gradients
-from launch.metrics import MetricsLog, check_writers
+from launch.checkpoint import resume, run_dir
+from launch.checkpoint import store as checkpoint
+from launch.parallel.distributed import DistInfo, sum_gradients
+from launch.metrics.log import MetricsLog, check_writers
 from launch.train import replicated_run, run_cli
 from moe.config import ConfigError
 from trm.config import TRMConfig, preset

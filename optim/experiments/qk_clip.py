@@ -23,8 +23,8 @@ import time
 import torch
 
 import optim
-from launch.data import DataConfig, build_data
-from launch.data_batches import TrainBatches, ValBatches
+from launch.data.build import DataConfig, build_data
+from launch.data.batches import TrainBatches, ValBatches
 from moe.config import preset
 from moe.model import Transformer
 

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from launch.config import flat_parser, parse_flat
+from launch.config.training import flat_parser, parse_flat
 from moe.config import ConfigError, check_field_types, doc_field as _f
 
 
@@ -62,7 +62,7 @@ class RLConfig:
     micro_batch_groups: int = _f(4, "groups per forward/backward (gradients accumulate over a step)")
     routing_replay: bool = _f(True, "train through the experts that produced each sampled token (R3)")
     ptx_weight: float = _f(0.0, "weight of a language-model loss on pre-training text (0: off)")
-    ptx_data: str | None = _f(None, "corpus of the PTX loss (launch.data paths); None: the default corpus")
+    ptx_data: str | None = _f(None, "corpus of the PTX loss (launch.data.build paths); None: the default corpus")
     ptx_batch: int = _f(4, "PTX sequences per optimizer step")
     ptx_seq_len: int = _f(128, "tokens per PTX sequence")
     # Curriculum and prioritized sampling

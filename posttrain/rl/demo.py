@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from launch import train
-from launch.metrics import read_metrics
+from launch.metrics.log import read_metrics
 from posttrain import sft
-from launch.run_dir import new_demo_dir
+from launch.checkpoint.run_dir import new_demo_dir
 from posttrain.demo import pretrain_base
 from posttrain.rl.tasks import arithmetic, digits
 from posttrain.rl import train as rl

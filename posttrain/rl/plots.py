@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.metrics import read_metrics
+from launch.metrics.log import read_metrics
 
 # (metrics key, axis label, title) per panel
 PANELS = [

@@ -29,7 +29,7 @@ step's gradient is the mean over every sample of the iteration: the same step as
 the whole batch. The model is replicated (no ZeRO, no expert parallelism here: sampling would then be
 a collective per decoding step), which fits every preset a CPU or one GPU node holds.
 
-Checkpoints (launch/checkpoint.py: safetensors + JSON, digests, latest pointer) hold the model, the
+Checkpoints (launch/checkpoint/store.py: safetensors + JSON, digests, latest pointer) hold the model, the
 optimizer, the pool's statistics and RNG, the buffer of unfinished rollouts and the iteration;
 `--resume --out-dir RUN` continues exactly. `launch.export`, `posttrain.generate` and `--init-from`
 read an RL run like any other run.
@@ -47,12 +47,13 @@ import torch
 import torch.distributed as dist
 
 import optim
-from launch import checkpoint, resume, run_dir
-from launch.distributed import DistInfo, sum_gradients
-from launch.engine import LocalStepper, StepResult, finish_step
-from launch.metrics import MetricsLog, check_writers
-from launch.pretrained import load_pretrained
-from launch.tokenizer import BPETokenizer, save_run_tokenizer
+from launch.checkpoint import resume, run_dir
+from launch.checkpoint import store as checkpoint
+from launch.parallel.distributed import DistInfo, sum_gradients
+from launch.parallel.engine import LocalStepper, StepResult, finish_step
+from launch.metrics.log import MetricsLog, check_writers
+from launch.checkpoint.pretrained import load_pretrained
+from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.train import autocast, replicated_run, run_cli
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
@@ -113,7 +114,7 @@ class Trainer:
         return self.tokenizer.decode([t for t in tokens if t not in self.stops])
 
     def _ptx_batches(self):
-        from launch.data import DataConfig, TrainBatches, build_data
+        from launch.data.build import DataConfig, TrainBatches, build_data
 
         data = build_data(DataConfig(path=self.cfg.ptx_data), self.cfg.ptx_seq_len, self.tokenizer)
         return TrainBatches(data.train, self.cfg.ptx_batch, seed=self.cfg.seed, rank=self.rank, world_size=self.world)

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from harness import write_result
-from launch.distributed import expert_groups, init_distributed
-from launch.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+from launch.parallel.distributed import expert_groups, init_distributed
+from launch.parallel.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from moe.config import preset
 from moe.model import Transformer
 

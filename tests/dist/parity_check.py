@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 import optim
 from harness import write_result
-from launch.deepspeed_config import build_deepspeed_config
-from launch.distributed import expert_groups, init_distributed
-from launch.engine import LocalStepper, build_deepspeed_stepper, finish_step
-from launch.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+from launch.parallel.deepspeed_config import build_deepspeed_config
+from launch.parallel.distributed import expert_groups, init_distributed
+from launch.parallel.engine import LocalStepper, build_deepspeed_stepper, finish_step
+from launch.parallel.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from moe.config import preset
 from moe.model import Transformer
 from optim import clip_factors, mla_row_scales

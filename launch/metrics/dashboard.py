@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from launch.metrics import ema, read_metrics
+from launch.metrics.log import ema, read_metrics
 
 # Written into the PNG's "Software" text: a file that carries it is one of ours, which may be replaced.
-MARK = "kimi-moe launch.dashboard"
+MARK = "kimi-moe launch.metrics.dashboard"
 X_LABELS = {"step": "optimizer step", "iteration": "RL iteration"}
 
 
@@ -123,7 +123,7 @@ def _throughput(ax, records, x):
     ax.plot(steps, tokens, color="tab:purple", label="tokens/s")
     ax.set(title="throughput", ylabel="tokens/s (all processes)")
     mfu_steps, mfu = series(records, "mfu", x)
-    if mfu_steps:  # logged on GPUs whose peak FLOP/s is known (launch/mfu.py)
+    if mfu_steps:  # logged on GPUs whose peak FLOP/s is known (launch/metrics/mfu.py)
         twin = ax.twinx()
         twin.plot(mfu_steps, [100 * m for m in mfu], color="tab:gray", alpha=0.7, label="MFU")
         twin.set_ylabel("MFU (% of bf16 peak)")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from launch import checkpoint
-from launch.config import saved_run_config, timestamped_run_dir
+from launch.checkpoint import store as checkpoint
+from launch.config.training import saved_run_config, timestamped_run_dir
 from moe.config import ConfigError
 
 MARKER = "run.json"

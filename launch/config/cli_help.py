@@ -4,7 +4,7 @@ drift from its field.
 Every field of a config dataclass is declared with `moe.config.doc_field(default, doc)`; its one-line
 doc, followed by "(default: X)", is the flag's help. `field_doc` refuses a field declared without one,
 so `--help` (and its test, tests/test_cli_help.py) fails the day a field is added undocumented.
-The `--model.FIELD` / `--data.FIELD` flags are parsed from argparse's leftovers (launch/config.py),
+The `--model.FIELD` / `--data.FIELD` flags are parsed from argparse's leftovers (launch/config/training.py),
 so argparse cannot list them; `rows` lays them out in its two columns for the epilog.
 """
 

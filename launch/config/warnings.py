@@ -3,16 +3,16 @@
 `warnings_for(cfg, vocab_size)` lists them; the trainer prints each once, on rank 0, once the config is
 resolved and the data built (`vocab_size`: the size of the tokenizer it built). Each names the field,
 its value, what the run does instead and how to silence it. Settings a run cannot train with at all
-are TrainConfig's errors (launch/config.py), not these.
+are TrainConfig's errors (launch/config/training.py), not these.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from launch.config import TrainConfig
-from launch.data import DataConfig
-from launch.distributed import launched
+from launch.config.training import TrainConfig
+from launch.data.build import DataConfig
+from launch.parallel.distributed import launched
 
 _DATA_DEFAULTS = {f.name: f.default for f in fields(DataConfig)}
 

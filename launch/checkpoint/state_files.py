@@ -118,7 +118,7 @@ class _Encoder:
             return {"$": "object", "class": name, "fields": self(dict(vars(value)), where)}
         raise TypeError(
             f"{where}: a {name} cannot be stored in a checkpoint (plain data, tensors and "
-            f"launch.state_files.ALLOWED_OBJECTS only); convert it to plain data in the state_dict that returns it"
+            f"launch.checkpoint.state_files.ALLOWED_OBJECTS only); convert it to plain data in the state_dict that returns it"
         )
 
 
@@ -187,7 +187,7 @@ class _Decoder:
         name = value.get("class")
         kind = ALLOWED_OBJECTS.get(name)
         if kind is None:
-            self.fail(where, f"class {name!r} is not one a checkpoint may hold (launch.state_files.ALLOWED_OBJECTS)")
+            self.fail(where, f"class {name!r} is not one a checkpoint may hold (launch.checkpoint.state_files.ALLOWED_OBJECTS)")
         module, _, attr = name.rpartition(".")
         cls = getattr(importlib.import_module(module), attr)
         if kind == "enum":

@@ -1,6 +1,6 @@
 """Tokenizers that need no download: a byte-level BPE trained on the run's own corpus, and raw bytes.
 
-Both expose the same small surface, which is all `launch/data.py` and the trainer use:
+Both expose the same small surface, which is all `launch/data/build.py` and the trainer use:
 
     tok.encode(text) -> list[int]          tok.encode_batch(texts) -> list[list[int]]
     tok.decode(ids) -> str                 tok.vocab_size, tok.eod_id, tok.fingerprint

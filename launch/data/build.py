@@ -10,10 +10,10 @@ The whole API:
     data.vocab_size          # every id in train/val is < vocab_size
     batches = TrainBatches(data.train, micro_batch_size, seed=0, rank=r, world_size=w)
     inputs, targets = next(batches)                                  # int64 [B, T]; targets = inputs shifted by 1
-    state = batches.state_dict(); batches.load_state_dict(state)     # exact resume (launch/data_batches.py)
+    state = batches.state_dict(); batches.load_state_dict(state)     # exact resume (launch/data/batches.py)
     for inputs, targets in ValBatches(data.val, batch_size, num_batches): ...   # same batches every time
 
-Pipeline. Documents come from `launch/data_sources.py` (default: the Python standard library's
+Pipeline. Documents come from `launch/data/sources.py` (default: the Python standard library's
 source, offline everywhere). They are split by document into train and validation (a fixed
 permutation, `val_fraction` of the documents, at least one), the BPE is trained on the train
 documents only, and both splits are tokenised with `Dataset.map(batched=True)` into Arrow files.
@@ -42,9 +42,9 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from launch.data_batches import TrainBatches, ValBatches
-from launch.data_sources import Documents, load_documents
-from launch.tokenizer import MIN_BPE_VOCAB, BPETokenizer, BytesTokenizer, load_or_train_bpe
+from launch.data.batches import TrainBatches, ValBatches
+from launch.data.sources import Documents, load_documents
+from launch.data.tokenizer import MIN_BPE_VOCAB, BPETokenizer, BytesTokenizer, load_or_train_bpe
 from moe.config import ConfigError, check_field_types, doc_field
 
 __all__ = ["DataConfig", "DataBundle", "build_data", "TrainBatches", "ValBatches"]

@@ -9,7 +9,7 @@ Layout under <out_dir>/checkpoints/:
                                          training config, and every file's byte count and SHA-256
     latest                               the name of the newest complete checkpoint
 
-Nothing is unpickled: the state is JSON plus safetensors (`launch/state_files.py`), so a checkpoint
+Nothing is unpickled: the state is JSON plus safetensors (`launch/checkpoint/state_files.py`), so a checkpoint
 handed over by someone else is data, never code. Checkpoints in the old `rank*.pt` (pickle) format
 are refused with a message, not loaded.
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch import state_files
+from launch.checkpoint import state_files
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 FORMAT = "kimi-moe-checkpoint/2"  # manifests of the JSON + safetensors layout; the pickle layout had none

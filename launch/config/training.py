@@ -42,9 +42,9 @@ from pathlib import Path
 
 import yaml
 
-from launch import cli_help
-from launch.cli_help import flag
-from launch.data import DataConfig
+from launch.config import cli_help
+from launch.config.cli_help import flag
+from launch.data.build import DataConfig
 from moe.config import (PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, doc_field,
                         from_dict, preset)
 
@@ -57,7 +57,7 @@ class TrainConfig:
     init_from: str | None = doc_field(None, "a run directory, one of its checkpoints, or a Hugging Face directory: "
                                             "start from its weights, model and tokenizer (fine-tuning, SFT); model "
                                             "then only labels the run")
-    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and its tokenizer (launch/data.py)"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus and its tokenizer (launch/data/build.py)"})
     # Optimisation
     optimizer: str = doc_field("adamw", "a name from optim's registry (listed below) or a dotted torch.optim path "
                                         "such as torch.optim.SGD")
@@ -78,7 +78,7 @@ class TrainConfig:
     eval_batches: int = doc_field(8, "batches of micro_batch_size sequences per validation")
     log_every: int = doc_field(1, "steps between metrics.jsonl records (validations and skipped steps are always "
                                   "written)")
-    # Where each record's scalars also go (launch/metrics.py); metrics.jsonl is written either way.
+    # Where each record's scalars also go (launch/metrics/log.py); metrics.jsonl is written either way.
     tensorboard: bool = doc_field(True, "also write the logged scalars as TensorBoard events in out_dir/tensorboard")
     wandb: bool = doc_field(False, "also log them to an offline Weights & Biases run in out_dir/wandb (needs the "
                                    "wandb package)")
@@ -86,7 +86,7 @@ class TrainConfig:
     device: str = doc_field("auto", "auto | cpu | cuda")
     out_dir: str | None = doc_field(None, "run directory to write; None: runs/<preset>-<time>, or runs/sft-<time> "
                                           "for chat data ($KIMI_MOE_RUNS in place of runs)")
-    # Checkpoints and faults (launch/checkpoint.py)
+    # Checkpoints and faults (launch/checkpoint/store.py)
     checkpoint_every: int = doc_field(100, "steps between checkpoints (and one at the end); 0: only at the end")
     keep_checkpoints: int = doc_field(3, "newest complete checkpoints kept; 0 keeps all")
     resume: bool = doc_field(False, "continue from the newest good checkpoint in out_dir (a fresh start if none)")
@@ -99,7 +99,7 @@ class TrainConfig:
                                                    "used is written to out_dir")
     dist_timeout_s: float = doc_field(600.0, "seconds a collective may wait under a launcher before the run stops")
     resolved_model: dict | None = doc_field(None, "every ModelConfig field of a saved run; when set, the model is "
-                                                  "exactly this (launch/config.py's docstring)")
+                                                  "exactly this (launch/config/training.py's docstring)")
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -438,7 +438,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None,
     With --resume and an --out-dir that holds a run of ours, the run's saved config.yaml takes the
     defaults' place: `--resume --out-dir RUN` alone continues RUN as it was configured, and what
     the command gives on top is what it changes (which the trainer then accepts or refuses,
-    launch/resume.py). `defaults` (a nested dict of fields, e.g. posttrain.sft's) replaces the
+    launch/checkpoint/resume.py). `defaults` (a nested dict of fields, e.g. posttrain.sft's) replaces the
     dataclass defaults of a new run."""
     given = parse_overrides(argv, help, defaults)
     saved = saved_run_config(given["out_dir"]) if given.get("resume") and given.get("out_dir") else None
@@ -456,7 +456,7 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None,
 def saved_run_config(out_dir: str) -> dict | None:
     """The config.yaml of the run in `out_dir`, or None if `out_dir` holds no run of ours (then the
     trainer decides: a new run there, or a refusal)."""
-    from launch import run_dir  # run_dir reads config files through this module
+    from launch.checkpoint import run_dir  # run_dir reads config files through this module
 
     out = Path(out_dir).expanduser()
     if not run_dir.is_ours(out) or not (out / "config.yaml").is_file():

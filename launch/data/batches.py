@@ -1,4 +1,4 @@
-"""Batch iterators over packed examples (a [N, T+1] tensor from `launch.data.build_data`).
+"""Batch iterators over packed examples (a [N, T+1] tensor from `launch.data.build.build_data`).
 
 Shapes: N examples, T = seq_len, B = micro-batch size, W = data-parallel world size.
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from launch.distributed import all_reduce_router_counts
-from launch.zero_muon import ZeroMuon, zero_row_scaler
+from launch.parallel.distributed import all_reduce_router_counts
+from launch.parallel.zero_muon import ZeroMuon, zero_row_scaler
 from moe.moe import MoE
 from optim import MuonClip, QKClip
 from optim.muon import Muon

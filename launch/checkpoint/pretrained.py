@@ -5,7 +5,7 @@
     load_pretrained("hf/my-model")                                          # a Hugging Face DeepseekV3 directory
 
 SFT starts from it (`--init-from`), generation and evaluation load it. Nothing here unpickles:
-checkpoints are read through launch/checkpoint.py (JSON + safetensors, verified against their
+checkpoints are read through launch/checkpoint/store.py (JSON + safetensors, verified against their
 manifest first), Hugging Face directories through moe.hf.import_hf (safetensors). The model comes
 back in fp32 on the CPU, in eval mode; the tokenizer is None when the source kept none (a run from
 before tokenizers were kept with the run, an export without tokenizer files).
@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from launch import checkpoint, run_dir
-from launch.tokenizer import BPETokenizer
+from launch.checkpoint import run_dir
+from launch.checkpoint import store as checkpoint
+from launch.data.tokenizer import BPETokenizer
 from moe.config import ConfigError
 from moe.model import Transformer
 

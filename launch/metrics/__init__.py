@@ -1,0 +1,2 @@
+"""What a run reports: the metrics writer and reader (`log`), model FLOPs utilisation (`mfu`) and the
+one-PNG dashboard (`dashboard`)."""
