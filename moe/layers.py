@@ -20,6 +20,14 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class SwiGLU(nn.Module):
+    """silu(gate) * up. A module of its own, without parameters, so that a launcher can recompute it
+    in the backward instead of keeping its output (launch/parallel/recompute.py)."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate x) * up x). Dense layers and the shared expert."""
 
@@ -28,9 +36,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = SwiGLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 def rope_cos_sin(positions_T: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
