@@ -1,24 +1,52 @@
-"""Expert-dispatch kernels. `expert_ffn` is the single entry point the model calls.
+"""Kernel dispatch: `expert_ffn` (routed experts) and `causal_attention` (MLA) are what the model calls.
 
-On CUDA tensors it runs our Triton kernels (`kernels.triton_ffn`); everywhere else the PyTorch
-reference. The choice is made here and nowhere else. `KIMI_EXPERT_FFN=reference` forces the
-reference on CUDA too (to bisect a numerical difference without editing code), and
-`KIMI_KERNEL_TMA=0` keeps the Triton kernels but drops their TMA candidates (`kernels.tiles`).
+On CUDA tensors `expert_ffn` runs our Triton kernels (`kernels.triton_ffn`); everywhere else the grouped-GEMM
+path of `kernels.cpu_ffn`. The choice is made here and nowhere else. `KIMI_EXPERT_FFN=reference`
+forces the PyTorch reference on every device (to bisect a numerical difference without editing
+code), and `KIMI_KERNEL_TMA=0` keeps the Triton kernels but drops their TMA candidates (`kernels.tiles`).
+
+`causal_attention` is the same kind of entry point for MLA's unpacked batches: our Triton flash
+attention (`kernels.flash_attention`) on CUDA, torch's SDPA elsewhere; `KIMI_ATTENTION=sdpa` forces
+SDPA on CUDA too.
 """
 
 import os
 
 import torch
+import torch.nn.functional as F
 
+from kernels.cpu_ffn import expert_ffn_cpu
 from kernels.reference import expert_ffn_reference
 
 
 def expert_ffn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
     """Routed-expert SwiGLU FFN with weighted combine. See `kernels.reference` for shapes."""
-    if x_TD.is_cuda and os.environ.get("KIMI_EXPERT_FFN", "triton") != "reference":
+    if os.environ.get("KIMI_EXPERT_FFN") == "reference":
+        return expert_ffn_reference(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
+    if x_TD.is_cuda:
         # Imported here so CPU-only runs never build Triton kernels (and tests can choose the
         # interpreter before the first import).
         from kernels.triton_ffn import expert_ffn_triton
 
         return expert_ffn_triton(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
-    return expert_ffn_reference(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
+    return expert_ffn_cpu(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
+
+
+_ATTENTION_CHOICES = ("flash", "sdpa")
+_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale: float):
+    """Causal softmax(scale q k^T) v as (out [B, H, T, V], max_logit_H [H] fp32 or None).
+
+    Our flash attention (CUDA, fp32/fp16/bf16) reports each head's largest logit at no extra cost;
+    SDPA cannot, so that path returns None and a caller that needs the max measures it itself.
+    """
+    choice = os.environ.get("KIMI_ATTENTION", "flash")
+    if choice not in _ATTENTION_CHOICES:
+        raise ValueError(f"KIMI_ATTENTION={choice!r}; valid: {', '.join(_ATTENTION_CHOICES)} (default flash)")
+    if choice == "flash" and q_BHTQ.is_cuda and q_BHTQ.dtype in _FLASH_DTYPES:
+        from kernels.flash_attention import flash_attention  # here, for the same reason as in expert_ffn
+
+        return flash_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
+    return F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=scale), None

@@ -1,6 +1,7 @@
 """Pure-PyTorch reference for the routed-expert computation.
 
-This is the CPU path and the oracle every Triton kernel is tested against. Shape legend:
+The oracle every kernel (Triton, and the CPU grouped-GEMM path of `kernels.cpu_ffn`) is tested
+against, kept deliberately plain; `KIMI_EXPERT_FFN=reference` runs it in the model. Shape legend:
     T tokens, D hidden, F expert FFN width, E experts, K experts per token, A = T*K assignments.
 Expert weights use the Hugging Face DeepseekV3 layout: gate_up_EFD is [E, 2F, D] (gate rows first,
 then up rows), down_EDF is [E, D, F].
@@ -8,6 +9,21 @@ then up rows), down_EDF is [E, D, F].
 
 import torch
 import torch.nn.functional as F
+
+
+def check_operands(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> None:
+    """The contract every expert-FFN path checks first: ValueError/TypeError naming the operands whose shapes or dtypes disagree."""
+    T, D = x_TD.shape
+    E, F2, D_w = gate_up_EFD.shape
+    if D_w != D or F2 % 2 or down_EDF.shape != (E, D, F2 // 2) or topk_ids_TK.shape != topk_weights_TK.shape \
+            or topk_ids_TK.shape[0] != T:
+        raise ValueError(
+            f"expert_ffn shapes disagree: x {tuple(x_TD.shape)} (want [T, D]), gate_up {tuple(gate_up_EFD.shape)} "
+            f"(want [E, 2F, D]), down {tuple(down_EDF.shape)} (want [E, D, F]), topk_ids {tuple(topk_ids_TK.shape)} "
+            f"and topk_weights {tuple(topk_weights_TK.shape)} (want [T, K])")
+    if not (x_TD.dtype == gate_up_EFD.dtype == down_EDF.dtype):
+        raise TypeError(f"expert_ffn wants one dtype for x ({x_TD.dtype}), gate_up ({gate_up_EFD.dtype}) "
+                        f"and down ({down_EDF.dtype}); cast the activations or the weights first")
 
 
 def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int):

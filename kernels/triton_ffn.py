@@ -14,6 +14,7 @@ import torch
 
 from kernels.combine import combine
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
+from kernels.reference import check_operands
 from kernels.routing import Routing, build_routing
 from kernels.tiles import block_m
 from kernels.wgrad import expert_wgrad
@@ -63,16 +64,8 @@ class _ExpertFFN(torch.autograd.Function):
 
 def expert_ffn_triton(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
     """Same contract as `kernels.reference.expert_ffn_reference`, on Triton kernels."""
-    T, D = x_TD.shape
-    E, F2, D_w = gate_up_EFD.shape
-    if D_w != D or down_EDF.shape != (E, D, F2 // 2) or topk_ids_TK.shape != topk_weights_TK.shape:
-        raise ValueError(
-            f"expert_ffn shapes disagree: x {tuple(x_TD.shape)}, gate_up {tuple(gate_up_EFD.shape)} (want [E, 2F, D]), "
-            f"down {tuple(down_EDF.shape)} (want [E, D, F]), topk_ids {tuple(topk_ids_TK.shape)}, "
-            f"topk_weights {tuple(topk_weights_TK.shape)}")
-    if not (x_TD.dtype == gate_up_EFD.dtype == down_EDF.dtype):
-        raise TypeError(f"expert_ffn wants one dtype for x ({x_TD.dtype}), gate_up ({gate_up_EFD.dtype}) "
-                        f"and down ({down_EDF.dtype}); cast the activations or the weights first")
+    check_operands(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
+    T, E = x_TD.shape[0], gate_up_EFD.shape[0]
     K = topk_ids_TK.shape[1]
     r = build_routing(topk_ids_TK, E, block_m(T * K, E))
     training = torch.is_grad_enabled() and any(

@@ -312,6 +312,11 @@ def _packing(document_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _outside(ids: torch.Tensor, V: int) -> int | None:
-    """The smallest id if it is negative, else the largest if it is >= V, else None."""
+    """The smallest id if it is negative, else the largest if it is >= V, else None.
+
+    Under torch.compile the check is left out: its host read would split the graph at every call.
+    A compiled model then meets an out-of-range id in the embedding's own index check instead."""
+    if torch.compiler.is_compiling():
+        return None
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync, not two
     return lo if lo < 0 else hi if hi >= V else None

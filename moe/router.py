@@ -64,7 +64,9 @@ class Router(nn.Module):
         weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert_E += torch.bincount(topk_ids_NK.reshape(-1), minlength=self.num_experts)
+                # scatter_add_, not bincount: a fixed output shape, so torch.compile keeps the graph whole.
+                ids_A = topk_ids_NK.reshape(-1)
+                self.tokens_per_expert_E.scatter_add_(0, ids_A, torch.ones_like(ids_A, dtype=self.tokens_per_expert_E.dtype))
         aux = self.sequence_balance_loss(scores_NE.view(B, T, -1)) if self.training and self.aux_loss_coef > 0 \
             else scores_NE.new_zeros(())
         return Routing(topk_ids_NK, weights_NK, aux)

@@ -96,19 +96,24 @@ def test_bad_shapes_are_reported():
 
 
 def test_dispatch_picks_backend_by_device(monkeypatch):
-    """One place chooses: CUDA tensors -> Triton unless KIMI_EXPERT_FFN=reference; CPU -> reference."""
+    """One place chooses: CUDA -> Triton, CPU -> grouped-GEMM CPU path, KIMI_EXPERT_FFN=reference -> reference."""
     calls = []
     monkeypatch.setattr(triton_ffn, "expert_ffn_triton", lambda *a: calls.append("triton") or a[0])
+    monkeypatch.setattr(kernels, "expert_ffn_cpu", lambda *a: calls.append("cpu") or a[0])
     monkeypatch.setattr(kernels, "expert_ffn_reference", lambda *a: calls.append("reference") or a[0])
     args = make_problem(4, 2, 4, 24, 20, torch.float32, device="cpu")
     kernels.expert_ffn(*args)
-    expected = ["reference"]
+    expected = ["cpu"]
     if torch.cuda.is_available():
         cuda_args = make_problem(4, 2, 4, 24, 20, torch.float32, device="cuda")
         kernels.expert_ffn(*cuda_args)
-        monkeypatch.setenv("KIMI_EXPERT_FFN", "reference")
+        expected += ["triton"]
+    monkeypatch.setenv("KIMI_EXPERT_FFN", "reference")
+    kernels.expert_ffn(*args)
+    expected += ["reference"]
+    if torch.cuda.is_available():
         kernels.expert_ffn(*cuda_args)
-        expected += ["triton", "reference"]
+        expected += ["reference"]
     assert calls == expected
 
 
