@@ -8,6 +8,8 @@
 #   profile Nsight Compute on one tuned forward+backward at the target shape (where the time goes)
 #   decode  decode speed of k2-2b from the compressed cache (benchmarks/decode_bench.py)
 #   rl      one RL iteration of small and k2-2b: sampling tokens/s, sampling vs training share
+#   attention  the flash-attention tests natively (bf16, every tile candidate at Q 192 / V 128), then
+#           its benchmark against SDPA at MLA's head dims (benchmarks/attention_bench.py)
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: tests target optim)
 # Each step's log and JSON go to $OUT when it is set (the device tool's folder, which brings back
 # eight files at most), else to benchmarks/gpu-run/.
@@ -46,6 +48,8 @@ for s in $steps; do
         rl) step rl_small python benchmarks/rl_bench.py --preset small --out "$out/rl-small-cuda.json"
             step rl_k2_2b python benchmarks/rl_bench.py --preset k2-2b --prompts 8 --response-tokens 256 \
                 --batch-size 64 --micro-groups 1 --out "$out/rl-k2-2b-cuda.json" ;;
-        *) echo "unknown step '$s' (tests, target, optim, grid, profile, decode, rl)" >&2; exit 2 ;;
+        attention) step attention_tests python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py
+                   step attention_bench python benchmarks/attention_bench.py --out "$out/attention-cuda.json" ;;
+        *) echo "unknown step '$s' (tests, target, optim, grid, profile, decode, rl, attention)" >&2; exit 2 ;;
     esac
 done

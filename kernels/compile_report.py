@@ -14,6 +14,9 @@ compiler's own output:
             load in the same loop, as in the weight-gradient kernel's gathered rows)
   tma       tile copies issued through TMA (tensor descriptors) rather than per-thread pointers
 
+It does the same for the causal flash attention (`kernels.flash_attention`: forward, dQ, dK/dV) at
+K2's MLA head dims; those rows go to the JSON's "attention" list, beside the FFN's "results".
+
 No GPU is needed: Triton ships ptxas and cuobjdump. So a kernel author on a laptop can see a spill
 or a shallow pipeline before a device is lent, and a GPU session can spend its time on timings.
 The figures belong to the installed Triton; the JSON records its version.
@@ -35,31 +38,41 @@ from triton.compiler import ASTSource
 
 from kernels import combine as combine_mod
 from kernels import grouped_gemm
+from kernels import flash_attention as attention_mod
 from kernels.bench import _tuners as bench_tuners
 from kernels.tiles import interpreting
 from kernels.triton_ffn import expert_ffn_triton
 
 TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kernels.bench's QUICK shape
+# MLA at K2's head dims (Q = N + R = 128 + 64, V = 128), 16 heads: one of benchmarks/attention_bench.py's shapes.
+ATTENTION_SHAPE = dict(B=1, H=16, T=4096, Q=192, V=128)
 
 # Which autotuned (or plain) kernel object each launch goes through, by the benchmark's names.
 KERNELS = dict(bench_tuners(), combine=combine_mod._combine)
+ATTENTION_KERNELS = dict(attn_fwd=attention_mod._fwd_tuned, attn_dq=attention_mod._dq_tuned,
+                         attn_dkdv=attention_mod._dkdv_tuned)
 MODES = {int(grouped_gemm.SWIGLU_FWD): "gate_up_swiglu", int(grouped_gemm.SWIGLU_BWD): "swiglu_bwd"}
 
 
-def trace_launches(T, K, E, D, F, dtype=torch.bfloat16):
-    """Every kernel launch of one forward+backward, as (kernel name, args, kwargs), in launch order.
-
-    Meta tensors carry shapes and strides but no data, so nothing runs; `run` is replaced on each
-    kernel object to record its arguments instead of launching.
-    """
+@contextlib.contextmanager
+def _recording(kernels):
+    """Inside, a launch of any of `kernels` ({name: kernel object}) appends (name, args, kwargs) to
+    the yielded list instead of running: `run` is replaced on each kernel object. With meta tensors,
+    which carry shapes and strides but no data, nothing runs at all."""
     if interpreting():
         raise SystemExit("kernels.compile_report compiles for a GPU; unset TRITON_INTERPRET")
     launches = []
     with contextlib.ExitStack() as stack:
-        for name, kernel in KERNELS.items():
+        for name, kernel in kernels.items():
             def record(*args, grid=None, warmup=False, _name=name, **kwargs):
                 launches.append((_name, args, kwargs))
             stack.enter_context(mock.patch.object(kernel, "run", record))
+        yield launches
+
+
+def trace_launches(T, K, E, D, F, dtype=torch.bfloat16):
+    """Every kernel launch of one expert-FFN forward+backward, as (kernel name, args, kwargs), in launch order."""
+    with _recording(KERNELS) as launches:
         meta = dict(device="meta", dtype=dtype)
         ids = torch.empty(T, K, device="meta", dtype=torch.int64)  # routing is built on meta tensors too
         x = torch.empty(T, D, **meta, requires_grad=True)
@@ -68,6 +81,16 @@ def trace_launches(T, K, E, D, F, dtype=torch.bfloat16):
         down = torch.empty(E, D, F, **meta, requires_grad=True)
         y = expert_ffn_triton(x, ids, w, gate_up, down)
         torch.autograd.grad(y, (x, w, gate_up, down), torch.empty_like(y))
+    return launches
+
+
+def trace_attention_launches(B, H, T, Q, V, dtype=torch.bfloat16):
+    """The three launches of one causal flash-attention forward+backward (forward, dQ, dK/dV)."""
+    with _recording(ATTENTION_KERNELS) as launches:
+        q, k = (torch.empty(B, H, T, Q, device="meta", dtype=dtype, requires_grad=True) for _ in range(2))
+        v = torch.empty(B, H, T, V, device="meta", dtype=dtype, requires_grad=True)
+        out, _ = attention_mod.flash_attention(q, k, v, Q ** -0.5)
+        torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
     return launches
 
 
@@ -86,6 +109,8 @@ def _signature(jit_fn, named):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[arg] = "i1"
+        elif isinstance(v, float):  # never specialised, whatever the value
+            sig[arg] = "fp32"
         elif v == 1:
             sig[arg], consts[arg] = "constexpr", 1
         else:
@@ -155,9 +180,17 @@ def _launch_name(kernel_name, named):
 
 
 def report(T, K, E, D, F, arch=90, only=""):
+    return _compile_launches(trace_launches(T, K, E, D, F), KERNELS, arch, only)
+
+
+def attention_report(B, H, T, Q, V, arch=90, only=""):
+    return _compile_launches(trace_attention_launches(B, H, T, Q, V), ATTENTION_KERNELS, arch, only)
+
+
+def _compile_launches(launches, kernels, arch, only):
     rows, seen = [], set()
-    for kernel_name, args, kwargs in trace_launches(T, K, E, D, F):
-        kernel = KERNELS[kernel_name]
+    for kernel_name, args, kwargs in launches:
+        kernel = kernels[kernel_name]
         jit_fn, _ = _jit_and_heuristics(kernel)
         named = dict(zip(jit_fn.arg_names, args), **kwargs)
         launch = _launch_name(kernel_name, named)
@@ -192,10 +225,12 @@ def main():
     args = ap.parse_args()
     shape = {dim: getattr(args, dim) for dim in TARGET_SHAPE}
     rows = report(**shape, arch=args.arch, only=args.only)
+    attention_rows = attention_report(**ATTENTION_SHAPE, arch=args.arch, only=args.only)
     out = args.out or f"benchmarks/kernels-compile-sm{args.arch}.json"
     with open(out, "w") as f:
-        json.dump(dict(meta=dict(shape=shape, arch=args.arch, triton=triton.__version__, dtype="bfloat16"),
-                       results=rows), f, indent=1)
+        json.dump(dict(meta=dict(shape=shape, attention_shape=ATTENTION_SHAPE, arch=args.arch,
+                                 triton=triton.__version__, dtype="bfloat16"),
+                       results=rows, attention=attention_rows), f, indent=1)
     print(f"wrote {out}")
 
 

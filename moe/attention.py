@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from moe.cache import LayerCache
 from moe.config import ModelConfig
 from moe.layers import RMSNorm, apply_rope
@@ -71,16 +72,18 @@ class MLA(nn.Module):
             return self.forward_cached(x_BTD, cos_TR, sin_TR, cache)
         B, T, _ = x_BTD.shape
         q_BHTQ, k_BHTQ, v_BHTV = self.qkv(x_BTD, cos_TR, sin_TR)
-        if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
-            if self.max_logits_H.dtype != torch.float32:  # model.to(bf16) cast the buffer; keep the record exact
-                self.max_logits_H = self.max_logits_H.float()
-            torch.maximum(self.max_logits_H, self.head_max_logits(q_BHTQ, k_BHTQ, visible_B1TT),
-                          out=self.max_logits_H)
-        if visible_B1TT is None:  # is_causal keeps SDPA's fused causal kernels for unpacked batches
-            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+        max_H = None  # filled by the kernel where it reports the max logit as a by-product
+        if visible_B1TT is None:  # unpacked batches keep fused causal kernels (kernels.causal_attention)
+            out_BHTV, max_H = kernels.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
         else:
             out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, attn_mask=visible_B1TT,
                                                       scale=self.scale)
+        if self.record_max_logits and self.training:  # evaluation forwards must not feed the clip
+            if self.max_logits_H.dtype != torch.float32:  # model.to(bf16) cast the buffer; keep the record exact
+                self.max_logits_H = self.max_logits_H.float()
+            if max_H is None:
+                max_H = self.head_max_logits(q_BHTQ, k_BHTQ, visible_B1TT)
+            torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
