@@ -30,6 +30,7 @@ from launch.parallel.engine import LocalStepper, finish_step
 from launch.metrics.dashboard import write_dashboard
 from launch.metrics.log import MetricsLog, check_writers, plot_losses
 from launch.checkpoint.pretrained import load_pretrained
+from launch.parallel.recompute import apply_recompute
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError, ModelConfig
@@ -233,6 +234,11 @@ def run(cfg: TrainConfig) -> dict:
             device = torch.device("cuda", info.local_rank)
     elif cfg.ep_size != 1:
         raise ConfigError(f"ep_size = {cfg.ep_size} needs several processes; launch with torchrun or deepspeed")
+    if info is not None and cfg.zero_stage == 3 and cfg.recompute != "none":
+        # ZeRO-3 frees each weight after its module's forward; our recompute runs modules again in the
+        # backward outside DeepSpeed's gather hooks, so they would meet the empty placeholders.
+        raise ConfigError(f"recompute = {cfg.recompute!r} with zero_stage 3 is not supported: ZeRO-3's released "
+                          "weights are not gathered again for the recompute. Use zero_stage 1 or 2, or recompute none")
     is_main = info is None or info.is_main
     world = 1 if info is None else info.world_size
     out = Path(on_main(info, lambda: cfg.out_dir or default_out_dir(cfg)))
@@ -281,6 +287,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
 
             ep_group, _, group_name = expert_groups(info.ep_size)
             apply_expert_parallel(model, ep_group, group_name)
+        apply_recompute(model, cfg.recompute)  # after EP (it recomputes the all_to_alls), before DeepSpeed
         optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
         stepper, optimizer, ds_config = build_stepper(cfg, model, optimizer, info, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

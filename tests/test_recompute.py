@@ -1,20 +1,28 @@
 """Activation recomputation (launch/parallel/recompute.py): each mode against "none" on the same model
 and tokens (gradients, losses and everything the forward records), the bytes each mode keeps for the
-backward, and full recompute under expert parallelism on 2 gloo processes."""
+backward, full recompute under expert parallelism on 2 gloo processes, and the trainer's --recompute flag."""
 
 import copy
+import json
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launch.config.training import TrainConfig, parse_args
 from launch.parallel.recompute import SavedTensorMeter, apply_recompute
-from moe.config import preset
+from launch.train import run
+from moe.config import ConfigError, preset
 from moe.generate import generate
 from moe.model import Transformer
 from moe.moe import MoE
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from harness import tiny_train_flags, torchrun  # noqa: E402
 
 
 def _model(seed: int = 0, **overrides) -> Transformer:
@@ -257,3 +265,40 @@ def test_recompute_under_expert_parallelism_matches_none(tmp_path):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for mode in ("selective", "full"):
             _assert_same(results[mode], results["none"])
+
+
+def _trainer_losses(tmp_path, name: str, *flags: str) -> list[float]:
+    out = tmp_path / name
+    run(parse_args([*tiny_train_flags(tmp_path, out), "--steps", "4", "--eval-every", "4", "--eval-batches", "1",
+                    "--warmup-steps", "1", *flags]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["lm_loss"] for r in records if "lm_loss" in r] + [r["grad_norm"] for r in records if "grad_norm" in r]
+
+
+def test_trainer_flag_trains_like_no_recomputation(tmp_path):
+    """`--recompute` in launch.train: the same losses and gradient norms as without, step by step."""
+    base = _trainer_losses(tmp_path, "none")
+    for mode in ("selective", "full"):
+        got = _trainer_losses(tmp_path, mode, "--recompute", mode)
+        assert got == pytest.approx(base, rel=1e-6), (mode, got, base)
+
+
+def test_trainer_refuses_an_unknown_recompute_mode():
+    with pytest.raises(ConfigError, match=r"TrainConfig.recompute = 'some'; valid: none, selective, full"):
+        TrainConfig(recompute="some")
+
+
+@pytest.mark.distributed
+def test_trainer_flag_under_deepspeed_and_expert_parallelism(tmp_path):
+    """2 processes, ZeRO-2, EP 2: `--recompute full` trains like none; ZeRO-3 with recompute is refused."""
+    losses = {}
+    for mode in ("none", "full"):
+        out = tmp_path / mode
+        torchrun(["-m", "launch.train", *tiny_train_flags(tmp_path, out), "--steps", "3", "--eval-every", "3",
+                  "--eval-batches", "1", "--zero-stage", "2", "--ep-size", "2", "--recompute", mode])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["lm_loss"] for r in records if "lm_loss" in r]
+    assert len(losses["full"]) == 3 and losses["full"] == pytest.approx(losses["none"], rel=1e-6), losses
+    refused = torchrun(["-m", "launch.train", *tiny_train_flags(tmp_path, tmp_path / "z3"), "--steps", "1",
+                        "--zero-stage", "3", "--recompute", "selective"], check=False)
+    assert refused.returncode != 0 and "with zero_stage 3 is not supported" in refused.stderr + refused.stdout

@@ -45,6 +45,7 @@ import yaml
 from launch.config import cli_help
 from launch.config.cli_help import flag
 from launch.data.build import DataConfig
+from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from moe.config import (PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, doc_field,
                         from_dict, preset)
 
@@ -91,6 +92,8 @@ class TrainConfig:
     keep_checkpoints: int = doc_field(3, "newest complete checkpoints kept; 0 keeps all")
     resume: bool = doc_field(False, "continue from the newest good checkpoint in out_dir (a fresh start if none)")
     max_skipped_steps: int = doc_field(5, "consecutive non-finite steps tolerated before the run stops")
+    recompute: str = doc_field("none", "activation recomputation: none | selective (norms, SwiGLU, MLA's kv "
+                                       "up-projection; K2's choice) | full (each block); gradients are unchanged")
     # Under a launcher (torchrun / deepspeed); one process trains without DeepSpeed and ignores them.
     zero_stage: int = doc_field(1, "DeepSpeed ZeRO stage under a launcher: 1, 2 or 3 (3: AdamW only)")
     ep_size: int = doc_field(1, "expert-parallel size under a launcher: consecutive ranks that split each MoE "
@@ -113,6 +116,8 @@ class TrainConfig:
                     raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)} must be {valid}")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"TrainConfig.zero_stage = {self.zero_stage}; valid: 1, 2, 3")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"TrainConfig.recompute = {self.recompute!r}; valid: {', '.join(RECOMPUTE_MODES)}")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume = true needs out_dir: the run directory to continue (--out-dir)")
         if self.device not in ("auto", "cpu", "cuda"):
