@@ -8,6 +8,7 @@
 #   profile Nsight Compute on one tuned forward+backward at the target shape (where the time goes)
 #   decode  decode speed of k2-2b from the compressed cache (benchmarks/decode_bench.py)
 #   rl      one RL iteration of small and k2-2b: sampling tokens/s, sampling vs training share
+#   bench   launch.bench on k2-2b: step time, MFU, peak memory and stage shares, one switch at a time
 #   attention  the flash-attention tests natively (bf16, every tile candidate at Q 192 / V 128), then
 #           its benchmark against SDPA at MLA's head dims (benchmarks/attention_bench.py)
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: tests target optim)
@@ -50,6 +51,10 @@ for s in $steps; do
                 --batch-size 64 --micro-groups 1 --out "$out/rl-k2-2b-cuda.json" ;;
         attention) step attention_tests python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py
                    step attention_bench python benchmarks/attention_bench.py --out "$out/attention-cuda.json" ;;
-        *) echo "unknown step '$s' (tests, target, optim, grid, profile, decode, rl, attention)" >&2; exit 2 ;;
+        bench) step bench python -m launch.bench --preset k2-2b --steps 8 --warmup 3 \
+                   --variant sdpa:attention=sdpa --variant ce:loss_chunk=4096 --variant muon:optimizer=muon \
+                   --variant selective:recompute=selective --variant full:recompute=full \
+                   --out "$out/bench-k2-2b-cuda.json" ;;
+        *) echo "unknown step '$s' (tests, target, optim, grid, profile, decode, rl, attention, bench)" >&2; exit 2 ;;
     esac
 done

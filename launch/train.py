@@ -239,6 +239,10 @@ def run(cfg: TrainConfig) -> dict:
         # backward outside DeepSpeed's gather hooks, so they would meet the empty placeholders.
         raise ConfigError(f"recompute = {cfg.recompute!r} with zero_stage 3 is not supported: ZeRO-3's released "
                           "weights are not gathered again for the recompute. Use zero_stage 1 or 2, or recompute none")
+    if info is not None and cfg.zero_stage == 3 and cfg.loss_chunk_tokens:
+        # The chunked loss reads lm_head.weight directly, outside the module call ZeRO-3 gathers it for.
+        raise ConfigError(f"loss_chunk_tokens = {cfg.loss_chunk_tokens} with zero_stage 3 is not supported: ZeRO-3 "
+                          "gathers lm_head's weight only for its own forward. Use zero_stage 1 or 2, or 0")
     is_main = info is None or info.is_main
     world = 1 if info is None else info.world_size
     out = Path(on_main(info, lambda: cfg.out_dir or default_out_dir(cfg)))
@@ -288,6 +292,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
             ep_group, _, group_name = expert_groups(info.ep_size)
             apply_expert_parallel(model, ep_group, group_name)
         apply_recompute(model, cfg.recompute)  # after EP (it recomputes the all_to_alls), before DeepSpeed
+        model.loss_chunk_tokens = cfg.loss_chunk_tokens
         optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
         stepper, optimizer, ds_config = build_stepper(cfg, model, optimizer, info, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

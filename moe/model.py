@@ -25,16 +25,16 @@ from moe.attention import MLA
 from moe.cache import LatentCache, LayerCache
 from moe.config import ModelConfig
 from moe.layers import MLP, RMSNorm, rope_cos_sin
+from moe.loss import IGNORE_INDEX, linear_cross_entropy
 from moe.moe import MoE, RoutedExperts
 from moe.router import Router
 
 # A target of this value adds nothing to the loss (F.cross_entropy's default ignore_index).
-IGNORE_INDEX = -100
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None from a chunked-loss forward (Transformer.loss_chunk_tokens)
     loss: torch.Tensor | None = None  # lm_loss + aux_loss, what training minimises
     lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy
     aux_loss: torch.Tensor | None = None  # sum of the MoE layers' sequence-wise balance losses
@@ -78,6 +78,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Not architecture, so not in ModelConfig: how a forward with targets computes the loss. 0: from
+        # the whole logits (returned); C > 0: C tokens at a time, the logits never whole and not returned
+        # (moe/loss.py). The trainer sets it from --loss-chunk-tokens.
+        self.loss_chunk_tokens = 0
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -140,12 +144,18 @@ class Transformer(nn.Module):
         with self._capture_routing(return_routing) as routing:
             x_BTD = self.hidden_states(input_ids_BT, document_ids_BT)
         (B, T), V = input_ids_BT.shape, self.cfg.vocab_size
-        logits_BTV = self.lm_head(self.norm(x_BTD))
+        h_BTD = self.norm(x_BTD)
         if targets_BT is None:
-            return ModelOutput(logits_BTV, routing=routing.ids(B, T))
-        lm_loss = F.cross_entropy(
-            logits_BTV.float().view(B * T, V), targets_BT.reshape(B * T), ignore_index=IGNORE_INDEX
-        )
+            return ModelOutput(self.lm_head(h_BTD), routing=routing.ids(B, T))
+        if self.loss_chunk_tokens:
+            logits_BTV = None
+            lm_loss = linear_cross_entropy(h_BTD.reshape(B * T, -1), self.lm_head.weight, targets_BT.reshape(B * T),
+                                           self.loss_chunk_tokens)
+        else:
+            logits_BTV = self.lm_head(h_BTD)
+            lm_loss = F.cross_entropy(
+                logits_BTV.float().view(B * T, V), targets_BT.reshape(B * T), ignore_index=IGNORE_INDEX
+            )
         # Per row, not per packed document: the balance loss only steers routing, and a row is the
         # unit the router's statistics were specified over (DeepSeek-V3 §2.1.2 "sequence-wise").
         aux = [block.mlp.aux_loss for block in self.layers if isinstance(block.mlp, MoE)]

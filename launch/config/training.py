@@ -94,6 +94,8 @@ class TrainConfig:
     max_skipped_steps: int = doc_field(5, "consecutive non-finite steps tolerated before the run stops")
     recompute: str = doc_field("none", "activation recomputation: none | selective (norms, SwiGLU, MLA's kv "
                                        "up-projection; K2's choice) | full (each block); gradients are unchanged")
+    loss_chunk_tokens: int = doc_field(0, "compute the loss this many tokens at a time, so the [tokens, vocab] "
+                                          "logits are never held whole (moe/loss.py); 0: whole")
     # Under a launcher (torchrun / deepspeed); one process trains without DeepSpeed and ignores them.
     zero_stage: int = doc_field(1, "DeepSpeed ZeRO stage under a launcher: 1, 2 or 3 (3: AdamW only)")
     ep_size: int = doc_field(1, "expert-parallel size under a launcher: consecutive ranks that split each MoE "
@@ -208,6 +210,7 @@ _RANGES = [
      lambda v: v > 0, "> 0"),
     (("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every", "keep_checkpoints", "max_skipped_steps"),
      lambda v: v >= 0, ">= 0"),
+    (("loss_chunk_tokens",), lambda v: v >= 0, ">= 0"),
     (("ep_size",), lambda v: v >= 1, ">= 1"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
