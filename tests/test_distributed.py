@@ -3,9 +3,10 @@
 All checks share one torchrun launch (tests/dist/parity_check.py); see its docstring for what each
 compares. Tolerances: losses agree to 1e-6 relative over 5 steps (measured ~1.5e-7: fp32 summation
 order of the gradient all-reduce). Final weights agree to 1e-4 relative to the largest weight with
-MuonClip and 1e-3 with AdamW (measured 2e-5 and 5e-4): Adam divides by sqrt(v), so on weights
-whose gradient is ~0 the rounding noise of the reduction becomes an update of its own (the script
-raises Adam's eps to 1e-6 to keep the worst of it, a full-size step, out).
+MuonClip and 3e-3 with AdamW (measured 2e-5 and 5e-4 on one CPU, 3e-5 and 1.4e-3 on another, with
+the same code: the CPU's kernels round differently): Adam divides by sqrt(v), so on weights whose
+gradient is ~0 the rounding noise of the reduction becomes an update of its own (the script raises
+Adam's eps to 1e-6 to keep the worst of it, a full-size step, out).
 """
 
 import sys
@@ -26,7 +27,7 @@ def parity(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["adamw_zero1", "adamw_zero2", "muonclip_zero1", "muonclip_zero2", "ep2_zero2_muonclip"])
 def test_dp2_matches_single_process(parity, case):
-    weights_tol = 1e-3 if case.startswith("adamw") else 1e-4
+    weights_tol = 3e-3 if case.startswith("adamw") else 1e-4
     for rank in parity:
         r = rank[case]
         assert len(r["dp"]) == 5
