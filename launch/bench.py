@@ -10,9 +10,10 @@ A variant is the default set-up with some switches changed, so each optimisation
 alone, in the same process, on the same tokens:
   --variant sdpa:attention=sdpa --variant ref:expert_ffn=reference --variant ce:loss_chunk=4096
 Switches: attention (flash | sdpa), expert_ffn (kernel | reference), loss_chunk (tokens, 0 = whole
-logits), recompute (none | selective | full), optimizer (a registry name), compile (0 | 1).
+logits), recompute (none | selective | full), optimizer (a registry name), compile (0 | 1),
+weight_casts (step: bf16 weight copies made once per optimizer step | micro: once per micro-batch).
 The default variant, always run first, is attention=flash, expert_ffn=kernel, loss_chunk=0,
-recompute=none, optimizer=muonclip, compile=0 (on CPU "flash" and "kernel" mean SDPA and the CPU
+recompute=none, optimizer=muonclip, compile=0, weight_casts=step (on CPU "flash" and "kernel" mean SDPA and the CPU
 grouped-GEMM path: kernels/__init__.py chooses by device).
 """
 
@@ -35,14 +36,15 @@ from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from launch.parallel.engine import LocalStepper, finish_step
 from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from launch.parallel.recompute import SavedTensorMeter, apply_recompute
+from launch.train import accumulate, autocast
 from moe.config import PRESETS, preset
 from moe.model import Transformer
 from moe.params import count_parameters
 
 DEFAULTS = {"attention": "flash", "expert_ffn": "kernel", "loss_chunk": 0, "recompute": "none",
-            "optimizer": "muonclip", "compile": 0}
+            "optimizer": "muonclip", "compile": 0, "weight_casts": "step"}
 _CHOICES = {"attention": ("flash", "sdpa"), "expert_ffn": ("kernel", "reference"), "recompute": RECOMPUTE_MODES,
-            "compile": (0, 1)}
+            "compile": (0, 1), "weight_casts": ("step", "micro")}
 
 # Stage of a profiler row, by the first pattern its lower-cased name contains (first match wins).
 STAGES = [
@@ -110,21 +112,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device):
-    # As launch.train on one device: bf16 autocast on a GPU, fp32 on CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def _one_step(stepper, model, tokens_SBT, step: int, grad_accum: int, device) -> float:
-    total = 0.0
-    for micro in range(grad_accum):
-        batch = tokens_SBT[(step * grad_accum + micro) % len(tokens_SBT)]
-        with _autocast(device):
-            out = stepper.forward(batch[:, :-1], batch[:, 1:])
-        stepper.backward(out.loss)
-        total += out.lm_loss.detach()
+def _one_step(stepper, model, tokens_SBT, step: int, grad_accum: int, device, casts_once: bool) -> float:
+    """launch.train's step on one device: accumulate the micro-batches, step, update the router biases."""
+    first = step * grad_accum
+    batches = ((t[:, :-1], t[:, 1:]) for t in (tokens_SBT[(first + i) % len(tokens_SBT)] for i in range(grad_accum)))
+    losses = accumulate(stepper, batches, grad_accum, device, None, casts_once=casts_once)
     finish_step(model, stepper.step())
-    return float(total) / grad_accum
+    return float(losses[0]) / grad_accum
 
 
 def _breakdown(prof, device: torch.device, top: int) -> dict:
@@ -157,9 +151,10 @@ def run_variant(name: str, switches: dict, args, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(args.seed + 1)
     tokens_SBT = torch.randint(0, cfg.vocab_size, (4, args.micro_batch, args.seq_len + 1), generator=g).to(device)
     tokens_per_step = args.micro_batch * args.seq_len * args.grad_accum
+    casts_once = switches["weight_casts"] == "step"
     with kernel_choice(switches):
         with SavedTensorMeter(model) as meter:  # one forward's saved bytes, before any timing
-            with _autocast(device):
+            with autocast(device):
                 out = model(tokens_SBT[0][:, :-1], tokens_SBT[0][:, 1:])
             saved_bytes = meter.nbytes()
         del out
@@ -174,7 +169,7 @@ def run_variant(name: str, switches: dict, args, device: torch.device) -> dict:
         for step in range(args.warmup + args.steps):
             _sync(device)
             start = time.perf_counter()
-            losses.append(_one_step(stepper, model, tokens_SBT, step, args.grad_accum, device))
+            losses.append(_one_step(stepper, model, tokens_SBT, step, args.grad_accum, device, casts_once))
             _sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
@@ -183,7 +178,7 @@ def run_variant(name: str, switches: dict, args, device: torch.device) -> dict:
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
-            _one_step(stepper, model, tokens_SBT, args.warmup + args.steps, args.grad_accum, device)
+            _one_step(stepper, model, tokens_SBT, args.warmup + args.steps, args.grad_accum, device, casts_once)
             _sync(device)
     step_s = statistics.median(times)
     step_flops = flops_per_token(cfg, counts["active"], args.seq_len) * tokens_per_step

@@ -8,6 +8,7 @@ config.yaml (the resolved config), metrics.jsonl, loss.png and summary.json.
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
+from moe.moe import weight_casts_once
 from moe.params import count_parameters
 
 
@@ -66,16 +68,33 @@ def autocast(device: torch.device, info: DistInfo | None = None):
     return torch.autocast(device.type, enabled=False)
 
 
+def accumulate(stepper, batches, grad_accum: int, device, info: DistInfo | None, casts_once: bool = True):
+    """Forward and backward of grad_accum micro-batches (the gradients of one optimizer step);
+    returns their (lm, aux) losses summed, [2] on `device`.
+
+    casts_once: one autocast region spans all the micro-batches (each backward inside it with
+    autocast off, as usual), so autocast's cache casts every nn.Linear weight to bf16 once per
+    optimizer step instead of once per micro-batch, and `weight_casts_once` does the same for the
+    routed experts. The bf16 copies live until the region ends, before the optimizer step; the fp32
+    masters and their gradients are untouched. False: a region per micro-batch forward (as before).
+    """
+    losses = torch.zeros(2, device=device)
+    step_region = autocast(device, info) if casts_once else contextlib.nullcontext()
+    with step_region, weight_casts_once() if casts_once else contextlib.nullcontext():
+        for _ in range(grad_accum):
+            # (inputs, targets) of text; (inputs, targets, document ids) of packed conversations
+            micro_batch = [t.to(device, non_blocking=True) for t in next(batches)]
+            with contextlib.nullcontext() if casts_once else autocast(device, info):
+                out = stepper.forward(*micro_batch)
+            with torch.autocast(device.type, enabled=False):
+                stepper.backward(out.loss)
+            losses += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float()])
+    return losses
+
+
 def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None) -> dict:
     """One optimizer step over grad_accum micro-batches; returns the step's scalars (global means)."""
-    losses = torch.zeros(2, device=device)  # lm, aux: summed over micro-batches
-    for _ in range(cfg.grad_accum):
-        # (inputs, targets) of text; (inputs, targets, document ids) of packed conversations
-        micro_batch = [t.to(device, non_blocking=True) for t in next(batches)]
-        with autocast(device, info):
-            out = stepper.forward(*micro_batch)
-        stepper.backward(out.loss)
-        losses += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float()])
+    losses = accumulate(stepper, batches, cfg.grad_accum, device, info)  # lm, aux: summed over micro-batches
     if info is not None:
         torch.distributed.all_reduce(losses)
         losses /= info.world_size

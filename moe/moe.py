@@ -4,6 +4,8 @@ Shape legend: B batch, T tokens per sequence, N = B*T, D hidden, F expert FFN wi
 K experts per token.
 """
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -38,13 +40,47 @@ def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cast to the autocast dtype when autocast is on, as nn.Linear would have.
 
     Autocast does not reach custom kernels: without this the grouped GEMMs run on fp32 operands
-    (measured 30x slower on an H100 for k2-2b).
+    (measured 30x slower on an H100 for k2-2b). Inside `weight_casts_once()` a parameter's cast is
+    made once and reused, as autocast's own cache does for nn.Linear's weights.
     """
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) for t in tensors)
+    return tuple(_cast(t, dtype) for t in tensors)
+
+
+# id(parameter) -> (parameter, its version when cast, the cast), while weight_casts_once() is open.
+_weight_casts: dict | None = None
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Only casts with an autograd edge are shared: one made under no_grad would cut the gradient of a later user.
+    if _weight_casts is None or not (t.is_leaf and t.requires_grad and torch.is_grad_enabled()) or t.dtype == dtype:
+        return t.to(dtype)
+    hit = _weight_casts.get(id(t))
+    # The version check makes a stale copy impossible: an in-place update of the weight (an optimizer
+    # step inside the region by mistake) bumps it, and the weight is cast again.
+    if hit is None or hit[0] is not t or hit[1] != t._version or hit[2].dtype != dtype:
+        hit = (t, t._version, t.to(dtype))
+        _weight_casts[id(t)] = hit
+    return hit[2]
+
+
+@contextmanager
+def weight_casts_once():
+    """Inside, each parameter that `autocast_operands` casts is cast once and the copy reused, so a
+    step of many micro-batches casts the routed experts' weights once instead of once per
+    micro-batch. The copy keeps its autograd edge to the fp32 parameter, whose gradient accumulates
+    in fp32 as before. Open it around a whole optimizer step's forwards and backwards, never across
+    the optimizer step (the version check would catch that, at the cost of a new cast)."""
+    global _weight_casts
+    outer = _weight_casts
+    _weight_casts = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _weight_casts = outer
 
 
 class MoE(nn.Module):
