@@ -5,6 +5,9 @@ path of `kernels.cpu_ffn`. The choice is made here and nowhere else. `KIMI_EXPER
 forces the PyTorch reference on every device (to bisect a numerical difference without editing
 code), and `KIMI_KERNEL_TMA=0` keeps the Triton kernels but drops their TMA candidates (`kernels.tiles`).
 
+`rms_norm` runs our Triton RMSNorm (`kernels.rms_norm_triton`) on CUDA and its PyTorch reference elsewhere;
+`KIMI_RMSNORM=reference` forces the reference on CUDA too.
+
 `causal_attention` is the same kind of entry point for MLA's unpacked batches: our Triton flash
 attention (`kernels.flash_attention`) on CUDA, torch's SDPA elsewhere; `KIMI_ATTENTION=sdpa` forces
 SDPA on CUDA too.
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 
 from kernels.cpu_ffn import expert_ffn_cpu
 from kernels.reference import expert_ffn_reference
+from kernels.rms_norm_reference import rms_norm_reference
 
 
 def expert_ffn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
@@ -30,6 +34,15 @@ def expert_ffn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> tor
 
         return expert_ffn_triton(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
     return expert_ffn_cpu(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim (`kernels.rms_norm_reference` defines it)."""
+    if x.is_cuda and os.environ.get("KIMI_RMSNORM") != "reference":
+        from kernels.rms_norm_triton import rms_norm_triton  # here, for the same reason as in expert_ffn
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
 
 
 _ATTENTION_CHOICES = ("flash", "sdpa")

@@ -14,7 +14,7 @@ compiler's own output:
             load in the same loop, as in the weight-gradient kernel's gathered rows)
   tma       tile copies issued through TMA (tensor descriptors) rather than per-thread pointers
 
-It does the same for the causal flash attention (`kernels.flash_attention`: forward, dQ, dK/dV) at
+It does the same for the RMSNorm kernels (`kernels.rms_norm_triton`; the JSON's "norm") and for the causal flash attention (`kernels.flash_attention`: forward, dQ, dK/dV) at
 K2's MLA head dims; those rows go to the JSON's "attention" list, beside the FFN's "results".
 
 No GPU is needed: Triton ships ptxas and cuobjdump. So a kernel author on a laptop can see a spill
@@ -39,6 +39,7 @@ from triton.compiler import ASTSource
 from kernels import combine as combine_mod
 from kernels import grouped_gemm
 from kernels import flash_attention as attention_mod
+from kernels import rms_norm_triton as norm_mod
 from kernels.bench import _tuners as bench_tuners
 from kernels.tiles import interpreting
 from kernels.triton_ffn import expert_ffn_triton
@@ -49,6 +50,8 @@ ATTENTION_SHAPE = dict(B=1, H=16, T=4096, Q=192, V=128)
 
 # Which autotuned (or plain) kernel object each launch goes through, by the benchmark's names.
 KERNELS = dict(bench_tuners(), combine=combine_mod._combine)
+NORM_SHAPE = dict(N=8192, D=7168)  # K2's hidden size, one 8192-token micro-batch
+NORM_KERNELS = dict(rms_fwd=norm_mod._rms_fwd, rms_bwd=norm_mod._rms_bwd)
 ATTENTION_KERNELS = dict(attn_fwd=attention_mod._fwd_tuned, attn_dq=attention_mod._dq_tuned,
                          attn_dkdv=attention_mod._dkdv_tuned)
 MODES = {int(grouped_gemm.SWIGLU_FWD): "gate_up_swiglu", int(grouped_gemm.SWIGLU_BWD): "swiglu_bwd"}
@@ -91,6 +94,16 @@ def trace_attention_launches(B, H, T, Q, V, dtype=torch.bfloat16):
         v = torch.empty(B, H, T, V, device="meta", dtype=dtype, requires_grad=True)
         out, _ = attention_mod.flash_attention(q, k, v, Q ** -0.5)
         torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
+    return launches
+
+
+def trace_norm_launches(N, D, dtype=torch.bfloat16):
+    """The two launches of one RMSNorm forward+backward, bf16 activations and an fp32 weight (autocast)."""
+    with _recording(NORM_KERNELS) as launches:
+        x = torch.empty(N, D, device="meta", dtype=dtype, requires_grad=True)
+        w = torch.empty(D, device="meta", dtype=torch.float32, requires_grad=True)
+        y = norm_mod.rms_norm_triton(x, w, 1e-6)
+        torch.autograd.grad(y, (x, w), torch.empty_like(y))
     return launches
 
 
@@ -187,6 +200,10 @@ def attention_report(B, H, T, Q, V, arch=90, only=""):
     return _compile_launches(trace_attention_launches(B, H, T, Q, V), ATTENTION_KERNELS, arch, only)
 
 
+def norm_report(N, D, arch=90, only=""):
+    return _compile_launches(trace_norm_launches(N, D), NORM_KERNELS, arch, only)
+
+
 def _compile_launches(launches, kernels, arch, only):
     rows, seen = [], set()
     for kernel_name, args, kwargs in launches:
@@ -226,11 +243,12 @@ def main():
     shape = {dim: getattr(args, dim) for dim in TARGET_SHAPE}
     rows = report(**shape, arch=args.arch, only=args.only)
     attention_rows = attention_report(**ATTENTION_SHAPE, arch=args.arch, only=args.only)
+    norm_rows = norm_report(**NORM_SHAPE, arch=args.arch, only=args.only)
     out = args.out or f"benchmarks/kernels-compile-sm{args.arch}.json"
     with open(out, "w") as f:
-        json.dump(dict(meta=dict(shape=shape, attention_shape=ATTENTION_SHAPE, arch=args.arch,
+        json.dump(dict(meta=dict(shape=shape, attention_shape=ATTENTION_SHAPE, norm_shape=NORM_SHAPE, arch=args.arch,
                                  triton=triton.__version__, dtype="bfloat16"),
-                       results=rows, attention=attention_rows), f, indent=1)
+                       results=rows, attention=attention_rows, norm=norm_rows), f, indent=1)
     print(f"wrote {out}")
 
 

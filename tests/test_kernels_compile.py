@@ -73,3 +73,13 @@ def test_kimi_kernel_tma_0_drops_every_tma_candidate(tmp_path):
     rows = _run_report(tmp_path / "report.json", "--only", "dx,wgrad_down", KIMI_KERNEL_TMA="0")
     assert {row["launch"] for row in rows} == {"dx", "wgrad_down"}
     assert not any(row["config"].get("W_TMA") or row["config"].get("SORTED_TMA") or row["tma"] for row in rows)
+
+
+def test_rms_norm_compiles_for_k2_hidden_size_without_spills(tmp_path):
+    out = tmp_path / "norm.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "kernels.compile_report", "--only", "rms", "--out", str(out)], env=env,
+                   check=True, capture_output=True, text=True, timeout=900)
+    rows = json.loads(out.read_text())["norm"]
+    assert {row["launch"] for row in rows} == {"rms_fwd", "rms_bwd"}
+    assert all(row["spill"] == 0 for row in rows), rows
