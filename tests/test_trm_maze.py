@@ -1,18 +1,23 @@
-"""Mazes for TRM (trm/data/maze.py): generation, the hardness rule, tokens, the verifier.
+"""Mazes for TRM (trm/data/maze.py): generation, the hardness rule, tokens, the verifier, the augmentation.
 
 References written here, not in the module: distances by repeated dilation of a boolean frontier
-(numpy shifts, no queue), the path read back from the target by those distances, and every shortest
-path of an open room enumerated as the staircases choosing which of the moves go down.
+(numpy shifts, no queue), the path read back from the target by those distances, every shortest
+path of an open room enumerated as the staircases choosing which of the moves go down, and each of
+the 8 symmetries as a formula for where cell (r, c) goes (no numpy rotation).
 """
 
 import itertools
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from trm.data.maze import (GOAL, OPEN, PAD, PATH, START, VOCAB_SIZE, WALL, Maze, check_path, decode,
-                      default_min_path_length, encode, encode_split, generate_mazes, target)
+from trm.data import build
+from trm.data.dihedral import DIHEDRAL_INVERSE
+from trm.data.maze import (GOAL, OPEN, PAD, PATH, START, VOCAB_SIZE, WALL, Maze, augment, check_path, decode,
+                           default_min_path_length, encode, encode_split, generate_mazes, symmetries, target,
+                           transform, transform_tokens)
 
 
 def _dilation_distances(walls: np.ndarray, source) -> np.ndarray:
@@ -262,3 +267,106 @@ def test_errors_name_the_problem():
         generate_mazes(1, seed=0, height=8, width=8, min_path_length=60)  # 64 cells cannot hold it
     with pytest.raises(ValueError, match="one size per split"):
         encode_split(generate_mazes(1, seed=0, height=8, width=8) + generate_mazes(1, seed=0, height=10, width=10))
+
+
+# ---- augmentation ---------------------------------------------------------------------------------
+
+def _moved_to(k: int, h: int, w: int, r: int, c: int) -> tuple[int, int]:
+    """Where symmetry k (trm/data/dihedral.py's numbering) takes cell (r, c) of an h x w grid."""
+    return [(r, c), (w - 1 - c, r), (h - 1 - r, w - 1 - c), (c, h - 1 - r),  # identity, turns anticlockwise
+            (r, w - 1 - c), (h - 1 - r, c), (c, r), (w - 1 - c, h - 1 - r)][k]  # mirrors: across, up-down, 2 diagonals
+
+
+def _square(small_mazes, hard_mazes) -> list[Maze]:
+    return small_mazes[(8, 8)][:40] + small_mazes[(12, 12)][:40] + hard_mazes
+
+
+def test_each_symmetry_moves_walls_start_and_goal_as_its_formula(small_mazes):
+    for m in small_mazes[(8, 8)][:10] + small_mazes[(9, 13)][:10]:
+        h, w = m.shape
+        for k in symmetries(h, w):
+            t = transform(m, k)
+            assert t.start == _moved_to(k, h, w, *m.start) and t.goal == _moved_to(k, h, w, *m.goal)
+            for r, c in itertools.product(range(h), range(w)):
+                assert t.walls[_moved_to(k, h, w, r, c)] == m.walls[r, c]
+            assert (transform_tokens(encode(m), h, w, k) == encode(t)).all()  # tokens and Maze move alike
+
+
+def test_every_symmetry_maps_the_target_to_a_shortest_path_and_back(small_mazes, hard_mazes):
+    for m in _square(small_mazes, hard_mazes):
+        h, w = m.shape
+        d = _dilation_distances(m.walls, m.start)[m.goal]
+        for k in range(8):
+            moved = transform_tokens(target(m), h, w, k)
+            maze_k = decode(transform_tokens(encode(m), h, w, k), h, w)  # start and goal read off the moved input
+            assert maze_k.key() == transform(m, k).key()
+            # The independent check: one marked cell at each distance 1..d-1 from the moved start, each a
+            # step from the one before.
+            ds = _dilation_distances(maze_k.walls, maze_k.start)
+            assert ds[maze_k.goal] == d
+            grid = moved.reshape(h, w)
+            cells = sorted((int(ds[r, c]), (int(r), int(c))) for r, c in np.argwhere(grid == PATH))
+            assert [k_ for k_, _ in cells] == list(range(1, d))
+            chain = [maze_k.start] + [rc for _, rc in cells] + [maze_k.goal]
+            assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(chain, chain[1:]))
+            assert check_path(maze_k, moved) == (True, "ok")
+            back = DIHEDRAL_INVERSE[k]
+            assert (transform_tokens(moved, h, w, back) == target(m)).all()
+            assert transform(maze_k, back).key() == m.key()
+
+
+def test_the_verifier_rejects_corrupted_transformed_targets(small_mazes, hard_mazes):
+    for m in small_mazes[(12, 12)][:20] + hard_mazes:
+        h, w = m.shape
+        for k in range(1, 8):
+            maze_k = transform(m, k)
+            good = transform_tokens(target(m), h, w, k).reshape(h, w)
+            marked = np.argwhere(good == PATH)
+            gap = good.copy()
+            gap[tuple(marked[len(marked) // 2])] = OPEN
+            assert check_path(maze_k, gap)[1].startswith("gap")
+            through = good.copy()
+            through[tuple(np.argwhere(maze_k.walls)[0])] = PATH
+            assert check_path(maze_k, through)[1].startswith("path through a wall")
+            ds, dg = _dilation_distances(maze_k.walls, maze_k.start), _dilation_distances(maze_k.walls, maze_k.goal)
+            off = np.argwhere((good == OPEN) & (ds + dg > ds[maze_k.goal]))
+            extra = good.copy()
+            extra[tuple(off[0])] = PATH
+            assert check_path(maze_k, extra)[1].startswith(("stray", "detour"))
+            # The untransformed answer does not fit the moved maze (none of these mazes is symmetric).
+            assert maze_k.key() != m.key() and not check_path(maze_k, target(m))[0]
+
+
+def test_an_oblong_maze_keeps_its_shape_under_four_symmetries_only(small_mazes):
+    assert symmetries(9, 13) == (0, 2, 4, 5) and symmetries(8, 8) == tuple(range(8))
+    m = small_mazes[(9, 13)][0]
+    for k in (0, 2, 4, 5):
+        assert check_path(transform(m, k), transform_tokens(target(m), 9, 13, k)) == (True, "ok")
+    with pytest.raises(ValueError, match="a 9x13 maze keeps its shape under 0, 2, 4, 5"):
+        transform(m, 1)
+    with pytest.raises(ValueError, match="symmetry k = 8"):
+        transform_tokens(encode(m), 9, 13, 8)
+    with pytest.raises(ValueError, match="transform_tokens: 116 tokens; a 9x13 maze has 117"):
+        transform_tokens(encode(m)[:-1], 9, 13, 0)
+
+
+def test_augment_draws_every_symmetry_and_the_task_data_trains_on_it(small_mazes):
+    m = small_mazes[(8, 8)][0]
+    rng = random.Random(0)
+    drawn = set()
+    for _ in range(100):
+        inputs, targets, k = augment(encode(m), target(m), 8, 8, rng)
+        assert (inputs == transform_tokens(encode(m), 8, 8, k)).all()
+        assert (targets == transform_tokens(target(m), 8, 8, k)).all()
+        drawn.add(k)
+    assert drawn == set(range(8))
+    oblong = small_mazes[(9, 13)][0]
+    assert {augment(encode(oblong), target(oblong), 9, 13, rng)[2] for _ in range(60)} == {0, 2, 4, 5}
+    data = build("maze", {"size": 8, "train": 10, "val": 2, "test": 2}, seed=1)
+    moved = 0
+    for x, y in zip(*data.train):
+        ax, ay = data.augment(x, y, random.Random(str(x.tolist())))
+        assert ax.dtype == ay.dtype == torch.int64 and ax.shape == x.shape
+        assert data.verify(ax.tolist(), ay.tolist()) == (True, "ok")
+        moved += not torch.equal(ax, x)
+    assert moved >= 5  # 1 in 8 draws is the identity

@@ -72,6 +72,26 @@ def test_maze_splits_are_disjoint_and_their_targets_verify():
         assert not data.verify(inputs[0].tolist(), inputs[0].tolist())[0]  # no path marked
 
 
+def test_maze_training_draws_are_symmetries_of_the_mazes_and_augment_false_turns_them_off(tmp_path):
+    from trm.data.dihedral import DIHEDRAL
+    from trm.train import Trainer
+
+    data = build("maze", {"size": 8, "train": 24, "val": 4, "test": 4}, seed=1)
+    flags = ["--task", "maze", "--model", TINY, "--batch-size", "24"]
+    index, inputs, targets, _ = Trainer(parse(flags), data, None, torch.device("cpu")).draw(24, 0, 24)
+    frames = []
+    for i, x, y in zip(index, inputs, targets):
+        assert data.verify(x.tolist(), y.tolist()) == (True, "ok")
+        raw_x, raw_y = (t[i].reshape(8, 8).numpy() for t in data.train)
+        k = next(k for k, f in enumerate(DIHEDRAL) if (f(raw_x) == x.reshape(8, 8).numpy()).all())
+        assert (DIHEDRAL[k](raw_y) == y.reshape(8, 8).numpy()).all()  # the target moved with its maze
+        frames.append(k)
+    assert len(set(frames)) >= 4, frames
+    index, inputs, targets, _ = Trainer(parse([*flags, "--augment", "false"]), data, None,
+                                        torch.device("cpu")).draw(24, 0, 24)
+    assert torch.equal(inputs, data.train[0][index]) and torch.equal(targets, data.train[1][index])
+
+
 def test_bad_settings_are_refused_before_any_file_is_written(tmp_path):
     out = tmp_path / "bad"
     with pytest.raises(ConfigError, match="task_args.sizes"):
@@ -90,7 +110,7 @@ def test_bad_settings_are_refused_before_any_file_is_written(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_train_together_and_rank_0_writes_the_run(tmp_path):  # a smoke test: no 1-process equivalence
+def test_two_processes_train_together_and_rank_0_writes_the_run(tmp_path):  # equivalence: test_trm_distributed.py
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent / "dist"))

@@ -34,7 +34,8 @@ class TRMRunConfig:
                                     "seen rarely, so it learns at its own, higher rate (the paper's 1e-2)")
     warmup_steps: int = _f(100, "steps of linear warmup, then a constant lr (the paper's schedule)")
     grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping")
-    batch_size: int = _f(64, "slots per process: examples in progress at once (deep supervision)")
+    batch_size: int = _f(64, "slots per process: examples in progress at once (deep supervision); under torchrun the "
+                                    "batch is processes x batch_size")
     steps: int = _f(2000, "optimizer steps (one per supervision step of the batch)")
     time_budget_s: float = _f(0.0, "stop after this many seconds of training (same-compute ablations); 0: off")
     ema: float = _f(0.999, "decay of the weights' EMA, used for evaluation; 0: evaluate the raw weights")

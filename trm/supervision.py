@@ -48,12 +48,19 @@ def new_carry(model: TRM, batch: int, device) -> Carry:
                  torch.ones(batch, dtype=torch.bool, device=device), ints - 1)
 
 
-def refill(model: TRM, carry: Carry, draw, generator: torch.Generator) -> int:
+def refill(model: TRM, carry: Carry, draw, generator: torch.Generator, before: int = 0,
+           total: int | None = None) -> int:
     """Load the next example into every halted slot: draw(k) -> (example indices [k], inputs [k, L],
-    targets [k, L], puzzle ids [k]). Returns k, the examples loaded."""
+    targets [k, L], puzzle ids [k]). Returns k, the examples loaded.
+
+    Data parallel: this carry's k halted slots are numbers before .. before + k - 1 of the `total`
+    halted in all processes' carries, taken in rank order (None: k, a single carry). The exploration
+    draws are made for all `total` and this carry keeps its own, so P carries of B slots draw what
+    one carry of P * B slots would; draw(k) must do likewise, and is called even when k = 0."""
     slots = carry.halted_B.nonzero().squeeze(-1)
     k = len(slots)
-    if k == 0:
+    total = k if total is None else total
+    if total == 0:
         return 0
     index, inputs, targets, ids = draw(k)
     device = carry.inputs_BL.device
@@ -66,9 +73,9 @@ def refill(model: TRM, carry: Carry, draw, generator: torch.Generator) -> int:
     carry.z_BLD[slots] = z.to(device, carry.z_BLD.dtype)
     carry.steps_B[slots] = 0
     n_sup, p = model.cfg.n_sup, model.cfg.halt_exploration
-    explore = torch.rand(k, generator=generator) < p
-    minimum = torch.where(explore, torch.randint(2, max(n_sup, 2) + 1, (k,), generator=generator), 1)
-    carry.min_steps_B[slots] = minimum.to(device)
+    explore = torch.rand(total, generator=generator) < p
+    minimum = torch.where(explore, torch.randint(2, max(n_sup, 2) + 1, (total,), generator=generator), 1)
+    carry.min_steps_B[slots] = minimum[before : before + k].to(device)
     carry.halted_B[slots] = False
     return k
 

@@ -11,9 +11,13 @@ supervision step, and where the halting head would stop); the EMA weights that s
 validation are kept and the test split is scored once with them, at the end. The reference code
 selects checkpoints on the test set; we do not.
 
-Processes: under torchrun every rank holds the model and its own slots, draws from its own shard of
-the training set, and the gradients are averaged over ranks before each step (plain data
-parallelism: TRM's 5-7M parameters fit any device whole).
+Processes: under torchrun every rank holds the model and batch_size slots of its own, and the
+gradients are averaged over ranks before each step (plain data parallelism: TRM's 5-7M parameters
+and their optimizer state fit any device whole, so there is no ZeRO). The ranks' slots are one
+batch of world * batch_size: the halted slots are refilled, in rank order, from one draw stream
+(the same on every rank, each taking its share), so P processes train as one process with P times
+the slots, up to the order of floating-point sums (tests/test_trm_distributed.py). The logged
+figures are over all ranks' slots.
 
 A run directory as launch.train's: config.yaml, data.json (the splits' sizes, seeds and hardness),
 metrics.jsonl (+ TensorBoard), checkpoints (safetensors + JSON: model, EMA, optimizer, the batch
@@ -53,18 +57,16 @@ FREE = {"steps", "time_budget_s", "eval_every", "eval_batch_size", "log_every", 
 
 
 class Stream:
-    """Indices of one rank's shard of the training set, a seeded permutation per epoch."""
+    """Indices into the training set, a seeded permutation per epoch; every rank holds the same one."""
 
-    def __init__(self, n: int, seed: int, rank: int, world: int):
-        self.shard = torch.arange(rank, n, world)
-        if len(self.shard) == 0:
-            raise ConfigError(f"the training split has {n} examples: fewer than the {world} processes")
-        self.seed, self.rank, self.epoch, self.position = seed, rank, 0, 0
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.position = n, seed, 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 101 + self.rank)
-        return self.shard[torch.randperm(len(self.shard), generator=g)]
+        # The seed once had "+ rank" (each rank its own shard): rank 0's, so one-process runs draw as before.
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 101)
+        return torch.randperm(self.n, generator=g)
 
     def take(self, k: int) -> torch.Tensor:
         out = []
@@ -128,26 +130,37 @@ class Trainer:
         self.ema = None
         if cfg.ema:
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.stream = Stream(len(data.train[0]), cfg.seed, self.rank, self.world)
-        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)  # halting exploration
-        self.draws = 0  # examples drawn by this rank: the seed of each one's augmentation
+        self.stream = Stream(len(data.train[0]), cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919)  # halting exploration, as the stream
+        self.draws = 0  # examples drawn by all ranks: the seed of each one's augmentation
         self.carry: Carry = new_carry(self.model, cfg.batch_size, device)
         self.best = {"val_exact": -1.0, "step": None}
         self.best_weights = None
 
-    def draw(self, k: int):
-        index = self.stream.take(k)
+    def draw(self, k: int, before: int, total: int):
+        """This rank's k examples: numbers before .. before + k - 1 of the `total` all ranks take now."""
+        index = self.stream.take(total)[before : before + k]
         inputs, targets = self.data.train[0][index].clone(), self.data.train[1][index].clone()
         if self.cfg.augment and self.data.augment is not None:
             for j in range(k):
-                rng = random.Random(f"{self.cfg.seed}-{self.rank}-{self.draws}")
+                # "-0-" was the rank when each rank had its own stream: one-process runs augment as before.
+                rng = random.Random(f"{self.cfg.seed}-0-{self.draws + before + j}")
                 inputs[j], targets[j] = self.data.augment(inputs[j], targets[j], rng)
-                self.draws += 1
+        self.draws += total
         ids = torch.zeros(k, dtype=torch.int64) if self.data.puzzle_ids is None else self.data.puzzle_ids[0][index]
         return index, inputs, targets, ids
 
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+        return values
+
     def step(self) -> dict:
-        refilled = refill(self.model, self.carry, self.draw, self.generator)
+        counts = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        counts[self.rank] = self.carry.halted_B.sum()
+        counts = self._sum_over_ranks(counts).tolist()  # halted slots per rank
+        before, total = sum(counts[: self.rank]), sum(counts)
+        refill(self.model, self.carry, lambda k: self.draw(k, before, total), self.generator, before, total)
         steps_before = self.carry.steps_B.clone()
         loss, figures = supervision_step(self.model, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
@@ -158,11 +171,8 @@ class Trainer:
             sum_gradients(self.model)
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
-        record = {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                  "refilled": refilled, **{k: figures[k] for k in ("cell_loss", "q_loss", "exact", "halted")}}
-        # The loss at each supervision step the batch's slots were at: how much recursion buys in training.
-        record["exact_by_slot_step"] = {str(int(s) + 1): float(figures["exact_B"][steps_before == s].float().mean())
-                                        for s in steps_before.unique()}
+        record = {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "refilled": total,
+                  **self._figures(loss, figures, steps_before)}
         if not math.isfinite(grad_norm):
             record["skipped"] = True
             return record
@@ -180,6 +190,22 @@ class Trainer:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
                     e.lerp_(p, 1 - decay)
+        return record
+
+    def _figures(self, loss: torch.Tensor, figures: dict, steps_before_B: torch.Tensor) -> dict:
+        """Loss, exact accuracy... over every rank's slots (each rank's are means over as many slots)."""
+        names = ("loss", "cell_loss", "q_loss", "exact", "halted")
+        means = [loss.item(), *(figures[k] for k in names[1:])]
+        # Exact accuracy by the supervision step the slots were at: how much recursion buys in training.
+        n_sup = self.model.cfg.n_sup
+        exact_B = figures["exact_B"].double()
+        by_step = torch.zeros(2, n_sup, dtype=torch.float64, device=exact_B.device)
+        by_step.index_add_(1, steps_before_B, torch.stack([exact_B, torch.ones_like(exact_B)]))
+        summed = self._sum_over_ranks(torch.cat([torch.tensor(means, dtype=torch.float64, device=exact_B.device),
+                                                 by_step.reshape(-1)])).cpu()
+        record = dict(zip(names, (summed[: len(names)] / self.world).tolist()))
+        right, slots = summed[len(names):].reshape(2, n_sup)
+        record["exact_by_slot_step"] = {str(s + 1): float(right[s] / slots[s]) for s in range(n_sup) if slots[s]}
         return record
 
     def evaluated_model(self) -> TRM:
@@ -255,6 +281,9 @@ def _run(cfg: TRMRunConfig, data: PuzzleData, info, device, out: Path, ckpt: str
     trainer = Trainer(cfg, data, info, device)
     if ckpt is not None:
         manifest = checkpoint.read_manifest(Path(ckpt))
+        if manifest["world_size"] != world:  # each rank's file holds its slots of the batch in progress
+            raise ConfigError(f"{ckpt} was written by {manifest['world_size']} processes and this run has {world}; "
+                              f"resume it with {manifest['world_size']} (torchrun --nproc_per_node)")
         changes = resume.compare(manifest["train_config"], {}, cfg.to_dict(), {}, free=FREE, schedule=set())
         start = manifest["step"]
         if start >= cfg.steps:

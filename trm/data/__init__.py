@@ -74,7 +74,8 @@ def sudoku_data(seed: int, size: int = 6, train: int = 2000, val: int = 200, tes
 def maze_data(seed: int, size: int = 30, train: int = 1000, val: int = 200, test: int = 200,
               min_path_length: int | None = None) -> PuzzleData:
     """size x size mazes whose shortest path is longer than min_path_length (default: Maze-Hard's 110
-    scaled by area, trm/data/maze.py); the target marks one shortest path, any shortest path is accepted."""
+    scaled by area, trm/data/maze.py); the target marks one shortest path, any shortest path is accepted.
+    Training examples are augmented by the 8 symmetries of the board, as the paper's Maze-Hard."""
     for name, value in (("train", train), ("val", val), ("test", test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} = {value!r}; it must be an int >= 1 (mazes in that split)")
@@ -82,14 +83,17 @@ def maze_data(seed: int, size: int = 30, train: int = 1000, val: int = 200, test
     parts = _cut(train, val, test, seed)
     tensors = [maze.encode_split([mazes[i] for i in idx]) for idx in parts]
 
+    def augment(inputs_L: torch.Tensor, targets_L: torch.Tensor, rng: random.Random):
+        inputs, targets, _ = maze.augment(inputs_L, targets_L, size, size, rng)
+        return torch.from_numpy(inputs), torch.from_numpy(targets)
+
     def verify(inputs_L, predicted_L) -> tuple[bool, str]:
         return maze.check_path(maze.decode(inputs_L, size, size), predicted_L)
 
     threshold = maze.default_min_path_length(size, size) if min_path_length is None else min_path_length
     info = {"task": "maze", "size": size, "seed": seed, "train": train, "val": val, "test": test,
             "min_path_length": threshold}
-    # No augmentation yet: the reference trains Maze-Hard with the 8 dihedral transforms (trm/data/arc.py has them).
-    return PuzzleData("maze", maze.VOCAB_SIZE, size * size, *tensors, None, verify, info)
+    return PuzzleData("maze", maze.VOCAB_SIZE, size * size, *tensors, augment, verify, info)
 
 
 def arc_data(seed: int, dataset: str = "arc-agi-1", revision: str = "kaggle2024", augmentations: int = 8,

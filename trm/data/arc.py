@@ -47,24 +47,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trm.data.dihedral import DIHEDRAL, DIHEDRAL_INVERSE
+
 PAD, EOS, COLOUR0 = 0, 1, 2  # colour k is token COLOUR0 + k
 VOCAB_SIZE = 12
 CANVAS = 30
 SEQ_LEN = CANVAS * CANVAS
 REVISIONS = ("kaggle2024", "kaggle2019", "latest")
-
-# The 8 symmetries of the square as maps of a [h, w] grid, and the index of each one's inverse.
-DIHEDRAL = (
-    lambda g: g,                  # 0 identity
-    lambda g: np.rot90(g, 1),     # 1 rotate 90 degrees anticlockwise
-    lambda g: np.rot90(g, 2),     # 2 rotate 180
-    lambda g: np.rot90(g, 3),     # 3 rotate 270
-    np.fliplr,                    # 4 mirror left-right
-    np.flipud,                    # 5 mirror up-down
-    lambda g: g.T,                # 6 transpose (main diagonal)
-    lambda g: np.rot90(g, 2).T,   # 7 anti-transpose (other diagonal)
-)
-DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 IDENTITY_COLOURS = tuple(range(10))
 
 

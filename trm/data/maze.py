@@ -28,15 +28,25 @@ Input: the maze. Target: the maze with the cells of one shortest path marked 5. 
 paths exist the target is the one found walking back from the goal, stepping each time to the first
 neighbour, in the order up, down, left, right, whose distance from the start is one less.
 `check_path` accepts any shortest path, since the task is "a shortest path".
+
+Augmentation (`augment`): the paper trains Maze-Hard under the 8 symmetries of the square
+(trm/data/dihedral.py), applied to the input and target grids alike, so start, goal and path move
+with the board. A symmetry maps neighbours to neighbours and walls to walls, so distances are kept
+and the marked path stays a shortest path. It need not be the one `target` would mark in the new
+frame (the tie-break order turns with the board): another reason the verifier takes any shortest path.
+An oblong board (H != W) keeps its shape only under the 4 symmetries without a quarter turn.
 """
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from trm.data.dihedral import DIHEDRAL, SHAPE_KEEPING
 
 PAD, WALL, OPEN, START, GOAL, PATH = range(6)
 VOCAB_SIZE = 6
@@ -215,6 +225,51 @@ def encode_split(mazes) -> tuple[torch.Tensor, torch.Tensor]:
         if not ok:
             raise ValueError(f"encode_split: target of mazes[{k}] fails check_path: {reason}")
     return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
+
+
+# ---- augmentation -----------------------------------------------------------------------------------
+
+def symmetries(height: int, width: int) -> tuple[int, ...]:
+    """The DIHEDRAL indices that map an H x W maze to one of the same shape (the token length is fixed)."""
+    return tuple(range(len(DIHEDRAL))) if height == width else SHAPE_KEEPING
+
+
+def _check_symmetry(k, height: int, width: int) -> None:
+    if isinstance(k, bool) or k not in symmetries(height, width):
+        raise ValueError(f"symmetry k = {k!r}; a {height}x{width} maze keeps its shape under "
+                         f"{', '.join(map(str, symmetries(height, width)))} (trm/data/dihedral.py)")
+
+
+def transform_tokens(tokens, height: int, width: int, k: int) -> np.ndarray:
+    """[H*W] int64: an input or target row of H*W tokens under DIHEDRAL[k]; the same call with
+    DIHEDRAL_INVERSE[k] (trm/data/dihedral.py) undoes it."""
+    _check_symmetry(k, height, width)
+    grid = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens, dtype=np.int64)
+    if grid.size != height * width:
+        raise ValueError(f"transform_tokens: {grid.size} tokens; a {height}x{width} maze has {height * width}")
+    return np.ascontiguousarray(DIHEDRAL[k](grid.reshape(height, width))).reshape(-1)
+
+
+def transform(maze: Maze, k: int) -> Maze:
+    """The maze under DIHEDRAL[k]: walls, start and goal moved together."""
+    h, w = maze.shape
+    _check_symmetry(k, h, w)
+    # Where each cell lands: cell (r, c) of the moved grid holds the row-major index of the cell it came from.
+    came_from = DIHEDRAL[k](np.arange(h * w).reshape(h, w))
+
+    def moved(cell: tuple[int, int]) -> tuple[int, int]:
+        r, c = np.argwhere(came_from == cell[0] * w + cell[1])[0]
+        return int(r), int(c)
+
+    return Maze(np.ascontiguousarray(DIHEDRAL[k](maze.walls)), moved(maze.start), moved(maze.goal))
+
+
+def augment(inputs, targets, height: int, width: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, int]:
+    """(inputs', targets', k): one symmetry of `symmetries(height, width)`, drawn uniformly, applied to
+    both rows; transform_tokens(., height, width, DIHEDRAL_INVERSE[k]) undoes it."""
+    choices = symmetries(height, width)
+    k = choices[rng.randrange(len(choices))]
+    return transform_tokens(inputs, height, width, k), transform_tokens(targets, height, width, k), k
 
 
 # ---- verifier ---------------------------------------------------------------------------------------
