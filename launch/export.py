@@ -4,8 +4,8 @@
     python -m launch.export runs/my-run/checkpoints/step_00001000 --hf-dir hf/my-model
     python -m launch.export runs/my-run/checkpoints --safetensors my-model.safetensors
 
-`consolidate` rebuilds the single-device `Transformer` (routed experts gathered from the EP ranks'
-files, in expert order); `--hf-dir` then writes it in the Hugging Face DeepseekV3 format through
+`consolidate` rebuilds the single-device `Transformer` (each tensor from the pieces the shard index
+names; a checkpoint of the previous format from the EP ranks' files, in expert order); `--hf-dir` then writes it in the Hugging Face DeepseekV3 format through
 `moe.hf.export_hf`, loadable with `transformers.AutoModelForCausalLM.from_pretrained`.
 `--safetensors` writes our own state_dict names (what `Transformer.load_state_dict` takes). Neither
 output is a pickle, and neither replaces an existing file. Runs on one CPU process, no launcher.
@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from launch.checkpoint import store as checkpoint
+from launch.parallel.state_shards import model_tensors
 from moe.config import ModelConfig
 from moe.model import Transformer
 
@@ -33,6 +34,16 @@ def consolidate(ckpt: Path) -> Transformer:
     if "model_config" not in manifest:
         raise checkpoint.CheckpointError(f"{ckpt}/manifest.json has no model_config; it was not written by launch.train")
     model = Transformer(ModelConfig(**manifest["model_config"]))
+    if "shards" in manifest:  # every tensor under its single-device name, whatever layout wrote it
+        reader = checkpoint.open_shards(ckpt)
+        with torch.no_grad():
+            for name, t in model_tensors(model):
+                key = f"model/{name}"
+                if not reader.has(key) or reader.shape(key) != tuple(t.shape):
+                    raise checkpoint.CheckpointError(f"{ckpt}: no {key} of shape {tuple(t.shape)} (the model_config's)")
+                t.copy_(reader.full(key))
+        return model
+    # The previous format: each rank's whole model share, the experts split over the first EP group.
     ep_size = manifest.get("ep_size", 1)
     # Ranks 0..ep_size-1 form the first expert-parallel group: together they hold every expert.
     shards = [checkpoint.load(ckpt, rank=r, only="model") for r in range(ep_size)]

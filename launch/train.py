@@ -8,7 +8,6 @@ config.yaml (the resolved config), metrics.jsonl, loss.png and summary.json.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import dataclasses
 import json
 import math
@@ -224,14 +223,9 @@ def replicated_run(device_name: str, out_dir: str | None, resume: bool, label: s
             opened["lock"].release()
 
 
-def apply_schedule_change(scheduler, optimizer, cfg: TrainConfig, changes: dict) -> None:
-    """A resume that changes lr or its schedule: the new values hold from the resume step on.
-    The scheduler's state (restored from the checkpoint) carries the old lr in base_lrs."""
-    if "lr" in changes:
-        old, new = changes["lr"]
-        scheduler.base_lrs = [base * new / old if old else new for base in scheduler.base_lrs]
-        for group in optimizer.param_groups:
-            group["initial_lr"] = group["initial_lr"] * new / old if old else new
+def apply_schedule(scheduler, optimizer, cfg: TrainConfig) -> None:
+    """Every param group's lr at the scheduler's position under `cfg`'s schedule: on resume the
+    scheduler is this command's (built from its lr) and only its position comes from the checkpoint."""
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base * lr_factor(scheduler.last_epoch, cfg)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
@@ -266,9 +260,10 @@ def run(cfg: TrainConfig) -> dict:
     world = 1 if info is None else info.world_size
     out = Path(on_main(info, lambda: cfg.out_dir or default_out_dir(cfg)))
     cfg.out_dir = str(out)
-    ckpt_meta = {"world_size": world, "ep_size": 1 if info is None else info.ep_size,
-                 "zero_stage": None if info is None else cfg.zero_stage}
-    setup = run_dir.RunSetup(out, cfg.resume, ckpt_meta) if is_main else None
+    # The layout goes into each checkpoint's manifest (with world_size) for the record; checkpoints are
+    # sharded by single-device names, so a resume may use another one (same global batch, `resume.LAYOUT`).
+    ckpt_meta = {"ep_size": 1 if info is None else info.ep_size, "zero_stage": None if info is None else cfg.zero_stage}
+    setup = run_dir.RunSetup(out, cfg.resume, {checkpoint.SHARDED: True}) if is_main else None
     decision = on_main(info, lambda: setup.open())
     try:
         return _train(cfg, info, device, out, decision, setup, ckpt_meta)
@@ -295,7 +290,9 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         start_step, changes = 0, {}
         if decision["resuming"]:
             saved = decision["saved"]
-            changes = resume.compare(saved["train"], saved["model"], config, config["resolved_model"])
+            changes = resume.compare(saved["train"], saved["model"], config, config["resolved_model"],
+                                     free=resume.FREE | resume.LAYOUT)
+            resume.check_global_batch(saved["train"], saved.get("world_size"), config, world)
             start_step = saved["step"]
             if start_step >= cfg.steps:
                 raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
@@ -317,15 +314,21 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
         batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world)
         if decision["ckpt"] is not None:
-            state = checkpoint.load(Path(decision["ckpt"]))
-            stepper.load_state_dict(state)
-            scheduler.load_state_dict(state["scheduler"])
+            ckpt = Path(decision["ckpt"])
+            # The plain state is per rank. A rank the saved layout did not have takes the state of saved
+            # rank (rank mod saved world): every rank starts from one seed, and the data position is global.
+            state = checkpoint.load(ckpt, rank=rank % decision["saved"]["world_size"])
+            stepper.load_shards(checkpoint.open_shards(ckpt))
             batches.load_state_dict(state["data"])
             checkpoint.set_rng_state(state["rng"])
             if state["step"] != start_step:
                 raise checkpoint.CheckpointError(f"{decision['ckpt']}: holds step {state['step']}, its manifest says {start_step}")
-            if changes.keys() & resume.SCHEDULE:
-                apply_schedule_change(scheduler, optimizer, cfg, changes)
+            # The scheduler is this layout's (its param groups differ with EP), built from this command's
+            # lr; only its position comes from the checkpoint, and every group's lr follows from it: under
+            # a changed schedule the new one, else the saved run's next lr (a new `steps` bends it after).
+            scheduler.last_epoch = state["scheduler"]["last_epoch"]
+            schedule = cfg if changes.keys() & resume.SCHEDULE else dataclasses.replace(cfg, steps=saved["train"]["steps"])
+            apply_schedule(scheduler, optimizer, schedule)
     except BaseException:
         if setup is not None:
             setup.abandon()
@@ -358,10 +361,10 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     ckpt_root = out / "checkpoints"
 
     def save(step: int) -> None:
-        state = {**stepper.state_dict(), "scheduler": scheduler.state_dict(), "data": batches.state_dict(),
-                 "rng": checkpoint.rng_state(), "step": step}
+        state = {"scheduler": scheduler.state_dict(), "data": batches.state_dict(), "rng": checkpoint.rng_state(),
+                 "step": step}
         meta = {**ckpt_meta, "model_config": config["resolved_model"], "train_config": config}
-        checkpoint.save(ckpt_root, step, state, meta, keep=cfg.keep_checkpoints)
+        checkpoint.save(ckpt_root, step, state, meta, keep=cfg.keep_checkpoints, shards=stepper.shards())
 
     log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                      first_step=start_step + 1 if start_step else 0) if is_main else None

@@ -4,9 +4,14 @@ A checkpoint's manifest records the training config and the resolved model confi
 under. Resuming compares them with the config of the command that resumes:
 
 - FREE fields may change: how long to train, how often to evaluate, log and checkpoint, how many
-  checkpoints to keep, fault tolerance, where caches live. They change nothing already trained.
+  checkpoints to keep, fault tolerance, where caches live, activation recomputation and the loss's
+  chunking. They change nothing already trained.
 - SCHEDULE fields (lr and its schedule) may change when the command says so; the new values apply
   from the resume step on and the change is logged and kept in config_history.jsonl.
+- LAYOUT fields (expert-parallel size, ZeRO stage, micro-batch size, accumulation) may change, and
+  with them the number of processes, when the global batch micro_batch_size x grad_accum x world
+  size stays the same (`check_global_batch`): checkpoints hold the single-device model's tensors
+  (`launch/checkpoint/shards.py`), and the data position is global (`launch.data.batches`).
 - Everything else (the model, the data, the optimizer and its state's hyper-parameters, the batch,
   the seed, the parallel layout) is refused with the field and both values: the weights and the
   optimizer state were trained under the saved values, and DeepSpeed restores some of them
@@ -21,8 +26,10 @@ from moe.config import ConfigError
 FREE = {
     "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps",
     "dist_timeout_s", "resume", "device", "out_dir", "data.cache_dir", "data.num_proc", "tensorboard", "wandb",
+    "recompute", "loss_chunk_tokens",  # memory for compute: the same gradients (tests/test_recompute.py, test_loss.py)
 }
 SCHEDULE = {"lr", "warmup_steps", "min_lr_ratio"}
+LAYOUT = {"ep_size", "zero_stage", "micro_batch_size", "grad_accum"}
 # Recorded in the training config, compared through the resolved model config instead.
 _SKIP = {"resolved_model"}
 
@@ -76,3 +83,20 @@ def compare(saved_train: dict, saved_model: dict, train: dict, model: dict, free
             + ("; and, explicitly, " + ", ".join(sorted(schedule)) if schedule else "")
         )
     return {k: v for k, v in changed.items() if k not in ("resume", "out_dir")}
+
+
+def check_global_batch(saved_train: dict, saved_world: int | None, train: dict, world: int) -> None:
+    """ConfigError unless a resume keeps the global batch (sequences per optimizer step) the run was
+    trained with; `saved_world` None (no checkpoint yet: the run starts over) checks nothing."""
+    if saved_world is None:
+        return
+    before = saved_train["micro_batch_size"] * saved_train["grad_accum"] * saved_world
+    now = train["micro_batch_size"] * train["grad_accum"] * world
+    if before != now:
+        raise ConfigError(
+            f"this command cannot resume the run: its global batch is micro_batch_size x grad_accum x world size = "
+            f"{saved_train['micro_batch_size']} x {saved_train['grad_accum']} x {saved_world} = {before} sequences, this "
+            f"command's is {train['micro_batch_size']} x {train['grad_accum']} x {world} = {now}. Another layout may "
+            f"resume it with the same product: set --micro-batch-size and --grad-accum so that they give {before} on "
+            f"{world} process(es)"
+        )

@@ -172,7 +172,7 @@ class RunSetup:
                 manifest = checkpoint.read_manifest(ckpt)
                 decision["ckpt"] = str(ckpt)
                 decision["saved"] = {"train": manifest.get("train_config", {}), "model": manifest.get("model_config", {}),
-                                     "step": manifest["step"]}
+                                     "step": manifest["step"], "world_size": manifest["world_size"]}
             else:  # our run, killed before its first checkpoint: it starts over, under its own config
                 saved = saved_run_config(str(self.out)) or {}
                 decision["saved"] = {"train": {k: v for k, v in saved.items() if k != "resolved_model"},

@@ -14,6 +14,9 @@ everything else to plain JSON, where every value is data:
     {"$": "ndarray", "dtype": "uint32", "shape": [...], "values": [...]}   numpy's RNG state
     {"$": "object", "class": "deepspeed...LossScaler", "fields": {...}}     one of ALLOWED_OBJECTS
 
+A sharded checkpoint's pieces go into the same safetensors file under their own names (prefix
+NAMED_PREFIX, listed in the JSON's "named"), each read alone with `read_slice`.
+
 A dict with only string keys (and no key "$") is written as a JSON object. DeepSpeed's ZeRO
 optimizers put a few small objects in their state (a loss scaler, an enum, slice addresses); those
 classes are named in ALLOWED_OBJECTS and rebuilt from their fields without calling any code of the
@@ -49,6 +52,9 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
 _NP_DTYPES = {"uint32", "int64", "int32", "float64", "float32", "uint8", "bool"}
+
+
+NAMED_PREFIX = "named:"  # never collides with the encoder's t0, t1, ...
 
 
 class StateFormatError(ValueError):
@@ -214,18 +220,22 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save(state, json_path: Path, tensors_path: Path) -> None:
+def save(state, json_path: Path, tensors_path: Path, named: dict[str, torch.Tensor] | None = None) -> None:
     """Write `state` as `json_path` (its structure and plain values) and `tensors_path` (its tensors),
-    both fsynced. Raises TypeError naming the first value that is not storable."""
+    both fsynced. `named`: more tensors stored under their own names (a sharded checkpoint's pieces,
+    read one at a time with `read_slice`). Raises TypeError naming the first value that is not storable."""
     encoder = _Encoder()
     tree = encoder(state, "state")
-    save_file(encoder.tensors, str(tensors_path), metadata={"format": "kimi-moe-state"})
+    # Copies: pieces are often views into one flat partition, and safetensors refuses shared storage.
+    named = {f"{NAMED_PREFIX}{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in (named or {}).items()}
+    save_file({**encoder.tensors, **named}, str(tensors_path), metadata={"format": "kimi-moe-state"})
     fd = os.open(tensors_path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_write(Path(json_path), json.dumps({"format": "kimi-moe-state", "version": 1, "state": tree}).encode())
+    doc = {"format": "kimi-moe-state", "version": 1, "state": tree, "named": sorted(named)}
+    _fsync_write(Path(json_path), json.dumps(doc).encode())
 
 
 def read_tree(json_path: Path) -> dict:
@@ -255,8 +265,9 @@ def load(json_path: Path, tensors_path: Path, only: str | None = None):
             missing = sorted(wanted - stored)
             if missing:
                 raise StateFormatError(f"{tensors_path}: lacks tensor(s) {missing[:5]} that {Path(json_path).name} refers to")
-            if only is None and stored - wanted:
-                raise StateFormatError(f"{tensors_path}: holds tensor(s) {sorted(stored - wanted)[:5]} that "
+            extra = stored - wanted - set(named_keys(json_path))
+            if only is None and extra:
+                raise StateFormatError(f"{tensors_path}: holds tensor(s) {sorted(extra)[:5]} that "
                                        f"{Path(json_path).name} does not refer to")
             tensors = {k: f.get_tensor(k) for k in wanted}
     except StateFormatError:
@@ -266,6 +277,29 @@ def load(json_path: Path, tensors_path: Path, only: str | None = None):
     decoder = _Decoder(tensors, str(json_path))
     state = decoder(tree)
     return state[only] if only is not None else state
+
+
+def named_keys(json_path: Path) -> list[str]:
+    """The names of the tensors `save` stored under their own names (with NAMED_PREFIX)."""
+    doc = json.loads(Path(json_path).read_bytes())
+    names = doc.get("named", [])
+    if not (isinstance(names, list) and all(isinstance(n, str) and n.startswith(NAMED_PREFIX) for n in names)):
+        raise StateFormatError(f"{json_path}: 'named' is not a list of {NAMED_PREFIX}* tensor names")
+    return names
+
+
+def read_slice(handle, tensors_path: Path, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of the 1-D tensor `save` stored as `named[name]`, read without the rest of
+    the file; `handle` is `safe_open(tensors_path)`."""
+    key = f"{NAMED_PREFIX}{name}"
+    try:
+        piece = handle.get_slice(key)
+        shape = piece.get_shape()
+    except Exception as err:  # safetensors' own error types
+        raise StateFormatError(f"{tensors_path}: no readable tensor {key!r} ({err})") from None
+    if len(shape) != 1 or not 0 <= lo <= hi <= shape[0]:
+        raise StateFormatError(f"{tensors_path}: tensor {key!r} has shape {shape}; elements [{lo}, {hi}) were wanted")
+    return piece[lo:hi]
 
 
 def _tensor_keys(tree):

@@ -3,11 +3,19 @@ damaged ones but never past ones this run cannot use.
 
 Layout under <out_dir>/checkpoints/:
 
-    step_00000120/rank00000.json         per rank: the structure of its state and every plain value
-    step_00000120/rank00000.safetensors  per rank: its tensors (model share, optimizer partition, RNG)
-    step_00000120/manifest.json          format, step, world and EP size, ZeRO stage, the model and
-                                         training config, and every file's byte count and SHA-256
+    step_00000120/rank00000.json         per rank: the structure of its plain state (scheduler, data
+                                         position, RNG, step) and every plain value
+    step_00000120/rank00000.safetensors  per rank: the tensors of that state, and the pieces of the
+                                         sharded tensors (weights, optimizer state) this rank owns
+    step_00000120/manifest.json          format, step, the layout it was written on (world, EP size,
+                                         ZeRO stage), the model and training config, every file's
+                                         byte count and SHA-256, and the shard index
     latest                               the name of the newest complete checkpoint
+
+Sharded tensors (`launch/checkpoint/shards.py`) are keyed by their names in the single-device model
+(`model/<name>`, `optimizer/<name>/<state>`); each element is written by one rank, and the index says
+which rank's file holds each piece, so any other layout can read what it needs. Trainers whose ranks
+all hold one replicated state (RL, TRM) pass no shards and keep their whole state per rank.
 
 Nothing is unpickled: the state is JSON plus safetensors (`launch/checkpoint/state_files.py`), so a checkpoint
 handed over by someone else is data, never code. Checkpoints in the old `rank*.pt` (pickle) format
@@ -21,10 +29,10 @@ checkpoint. A truncated or corrupted file is caught by the manifest at load, and
 falls back to the newest checkpoint that verifies. Multi-node runs need out_dir on a shared filesystem.
 
 Two kinds of rejection: a checkpoint that is damaged (a file missing, truncated or altered) is
-skipped for the one before it; a checkpoint this run cannot use (another world size, EP size or ZeRO
-stage, the old pickle format) stops the resume with `CheckpointMismatch`, since an older checkpoint of
-the same run would not fit either. When no checkpoint is usable the resume stops, naming each one and
-why, and nothing on disk is touched.
+skipped for the one before it; a checkpoint this run cannot use (a value of `meta` that differs, a
+format without the shard index where the run needs one, the old pickle format) stops the resume with
+`CheckpointMismatch`, since an older checkpoint of the same run would not fit either. When no
+checkpoint is usable the resume stops, naming each one and why, and nothing on disk is touched.
 """
 
 from __future__ import annotations
@@ -41,10 +49,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch.checkpoint import shards as sharding
 from launch.checkpoint import state_files
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-FORMAT = "kimi-moe-checkpoint/2"  # manifests of the JSON + safetensors layout; the pickle layout had none
+FORMAT = "kimi-moe-checkpoint/3"  # JSON + safetensors with an optional shard index
+# Still read: JSON + safetensors, each rank's whole state for one layout (no shard index). The pickle layout had no format.
+PREVIOUS = "kimi-moe-checkpoint/2"
+# A `meta` key that is not compared with the manifest: True when the run needs the shard index.
+SHARDED = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -97,14 +110,23 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def save(root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
+def save(root: Path, step: int, state: dict, meta: dict, keep: int, shards: sharding.ShardSet | None = None) -> Path:
     """Write this rank's `state` as checkpoint `step` (collective: every rank calls it).
 
-    `meta` (world size, EP size...) goes into the manifest and is checked at resume. Keeps the
-    newest `keep` complete checkpoints and deletes older ones (0 keeps all).
+    `meta` (world size, EP size...) goes into the manifest. `shards`: the sharded tensors this rank
+    holds; every rank passes them or none does, and each element is written once (`shards.assign`).
+    Keeps the newest `keep` complete checkpoints and deletes older ones (0 keeps all).
     """
     root = Path(root)
     rank, world = _world()
+    index = None
+    if shards is not None:
+        described = [None] * world
+        if dist.is_initialized():
+            dist.all_gather_object(described, sharding.describe(shards))
+        else:
+            described = [sharding.describe(shards)]
+        index = sharding.assign(described)  # the same on every rank: a pure function of what all hold
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     setup_error = None
@@ -120,7 +142,7 @@ def save(root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
         if setup_error:
             raise setup_error
         paths = [tmp / name for name in _rank_files(rank)]
-        state_files.save(state, *paths)
+        state_files.save(state, *paths, named=None if index is None else sharding.owned(shards, index, rank))
         entry = [{"file": p.name, "bytes": p.stat().st_size, "sha256": _digest(p)} for p in paths]
     except OSError as err:  # a full disk, a quota, a lost mount: every rank must hear of it, not hang
         entry = f"rank {rank}: {err}"
@@ -132,7 +154,8 @@ def save(root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
     failures = [e for e in entries if isinstance(e, str)]
     if not failures and rank == 0:
         try:
-            _publish(root, tmp, final, step, world, meta, [f for e in entries for f in e], keep)
+            extra = {} if index is None else {"shards": index}
+            _publish(root, tmp, final, step, world, {**meta, **extra}, [f for e in entries for f in e], keep)
         except OSError as err:
             failures = [f"rank 0: {err}"]
     if dist.is_initialized():
@@ -197,7 +220,7 @@ def read_manifest(ckpt: Path) -> dict:
         raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
         raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no list of files)")
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, PREVIOUS):
         if "format" not in manifest and any(str(e.get("file", "")).endswith(".pt") for e in manifest["files"]
                                             if isinstance(e, dict)):
             raise CheckpointMismatch(
@@ -214,7 +237,16 @@ def verify(ckpt: Path, meta: dict) -> dict:
     geometry matches `meta`. Raises CheckpointMismatch for an intact checkpoint this run cannot use,
     CheckpointError for a damaged one, naming the first problem."""
     manifest = read_manifest(ckpt)
+    if meta.get(SHARDED) and "shards" not in manifest:
+        raise CheckpointMismatch(
+            f"{ckpt}: written in format {manifest.get('format')!r}, where each rank kept its whole state for one "
+            f"layout; this version resumes the trainer from the sharded format {FORMAT!r} only. Resume it with "
+            "the version that wrote it, or export it (python -m launch.export reads it) and start a new run "
+            "with --init-from"
+        )
     for key, value in meta.items():
+        if key == SHARDED:
+            continue
         if manifest.get(key) != value:
             raise CheckpointMismatch(
                 f"{ckpt}: saved with {key} = {manifest.get(key)!r}, this run has {key} = {value!r}; "
@@ -289,15 +321,28 @@ def set_aside(root: Path, names: list[str]) -> list[str]:
 
 
 def load(ckpt: Path, rank: int | None = None, only: str | None = None) -> dict:
-    """Rank `rank`'s state (default: this process's) from a verified checkpoint; `only` reads one
-    top-level key of it (e.g. "model") and no other tensors."""
+    """Rank `rank`'s plain state (default: this process's) from a verified checkpoint; `only` reads
+    one top-level key of it and no other tensors. `only="model"` of a sharded checkpoint is the
+    whole single-device model's state, {name: tensor}, whichever layout wrote it."""
     if rank is None:
         rank, _ = _world()
+    if only == "model" and "shards" in read_manifest(ckpt):
+        reader = open_shards(ckpt)
+        return {key.removeprefix("model/"): reader.full(key) for key in reader.keys("model/")}
     names = _rank_files(rank)
     try:
         return state_files.load(ckpt / names[0], ckpt / names[1], only=only)
     except state_files.StateFormatError as err:
         raise CheckpointError(str(err)) from None
+
+
+def open_shards(ckpt: Path) -> sharding.Reader:
+    """The sharded tensors of a verified checkpoint, read on demand (CheckpointError without an index)."""
+    manifest = read_manifest(ckpt)
+    if "shards" not in manifest:
+        raise CheckpointMismatch(f"{ckpt}: format {manifest.get('format')!r} has no shard index")
+    return sharding.Reader(ckpt, manifest["shards"], manifest.get("world_size", 0), lambda r: _rank_files(r)[1],
+                           error=CheckpointError)
 
 
 def latest(root: Path) -> str | None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from launch.checkpoint.shards import ShardSet
+from launch.parallel import state_shards
 from launch.parallel.distributed import all_reduce_router_counts
 from launch.parallel.zero_muon import ZeroMuon, zero_row_scaler
 from moe.moe import MoE
@@ -57,12 +59,13 @@ class LocalStepper:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, applied)
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def shards(self) -> ShardSet:
+        """Weights and optimizer state, whole, keyed by their single-device names (a checkpoint's tensors)."""
+        return state_shards.local_shards(self.model, self.optimizer)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_shards(self, reader) -> None:
+        """Weights and optimizer state from a sharded checkpoint of any layout (`launch.checkpoint.store.open_shards`)."""
+        state_shards.load_local(self.model, self.optimizer, reader)
 
 
 class DeepSpeedStepper:
@@ -98,42 +101,20 @@ class DeepSpeedStepper:
             self.qk_clip()
         return StepResult(norm, applied)
 
-    def state_dict(self) -> dict:
-        """This rank's share: its module (with its local experts under EP) and its ZeRO partition.
-
-        Under ZeRO-3 a module's parameters are empty placeholders, so each is gathered in turn and
-        the full values are kept: the checkpoint then holds plain weights for export, at the cost of
-        one whole copy of the model in host memory while saving."""
+    def shards(self) -> ShardSet:
+        """This rank's weights and optimizer state as pieces of the single-device tensors: its ZeRO
+        partition's fp32 masters and moments, its experts' under EP (`launch/parallel/state_shards.py`).
+        Under ZeRO-3 every parameter is gathered in turn (collective)."""
         if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
+            return state_shards.zero3_shards(self.model, self.engine.optimizer)
+        return state_shards.zero_shards(self.model, self.engine.optimizer)
 
-            model_state = {}
-            with torch.no_grad():
-                for name, param in self.model.named_parameters():
-                    with deepspeed.zero.GatheredParameters([param]):
-                        model_state[name] = param.detach().cpu().clone()
-                model_state.update({name: b.detach().cpu().clone() for name, b in self.model.named_buffers()
-                                    if name in self.model.state_dict()})
-        else:
-            model_state = self.model.state_dict()
-        return {"model": model_state, "optimizer": self.engine.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        opt = self.engine.optimizer
-        # DeepSpeed's ZeRO loaders take every data-parallel rank's state and pick their own by rank;
-        # each of our ranks reads only its own file, placed where the loader looks.
-        dp_rank = torch.distributed.get_rank(group=opt.dp_process_group)
-        partitions = [None] * (dp_rank + 1)
-        partitions[dp_rank] = state["optimizer"]
+    def load_shards(self, reader) -> None:
+        """This rank's share, from a sharded checkpoint of any layout."""
         if self.engine.zero_optimization_stage() == 3:
-            # Weights come back from the fp32 partitions (the loader refreshes the working copies
-            # from them); only the buffers, router biases among them, come from the module state.
-            buffers = {name for name, _ in self.model.named_buffers()}
-            self.model.load_state_dict({k: v for k, v in state["model"].items() if k in buffers}, strict=False)
-            opt.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+            state_shards.load_zero3(self.model, self.engine.optimizer, reader)
         else:
-            self.model.load_state_dict(state["model"])
-            opt.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+            state_shards.load_zero(self.model, self.engine.optimizer, reader)
 
 
 def finish_step(model: nn.Module, result: StepResult) -> None:
