@@ -165,7 +165,7 @@ def run_variant(name: str, switches: dict, args, device: torch.device) -> dict:
             router.tokens_per_expert_E.zero_()
         for attn in model.attentions():
             attn.reset_max_logits()
-        losses, times = [], []
+        losses, times, warmup_times = [], [], []  # the first warmup step holds compile and autotune time
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for step in range(args.warmup + args.steps):
@@ -173,8 +173,7 @@ def run_variant(name: str, switches: dict, args, device: torch.device) -> dict:
             start = time.perf_counter()
             losses.append(_one_step(stepper, model, tokens_SBT, step, args.grad_accum, device, casts_once))
             _sync(device)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+            (times if step >= args.warmup else warmup_times).append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -186,7 +185,7 @@ def run_variant(name: str, switches: dict, args, device: torch.device) -> dict:
     step_flops = flops_per_token(cfg, counts["active"], args.seq_len) * tokens_per_step
     peak_flops = gpu_peak_flops(device)
     record = {
-        "switches": switches, "step_s_median": step_s, "step_s_all": times, "tokens_per_step": tokens_per_step,
+        "switches": switches, "step_s_median": step_s, "step_s_all": times, "warmup_s": warmup_times, "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / step_s, "mfu": None if peak_flops is None else step_flops / step_s / peak_flops,
         "peak_memory_bytes": peak, "saved_activation_bytes": saved_bytes, "loss_first": losses[0],
         "loss_last": losses[-1], "breakdown": _breakdown(prof, device, args.top_ops),
