@@ -35,7 +35,8 @@ from test_plan import local_expert_model, measured_peak, one_step, saved_activat
 STATE_RUNS = [("tiny", "adamw", 1), ("tiny", "muon", 1), ("tiny", "muonclip", 1), ("small", "adamw", 1),
               ("small", "muonclip", 1), ("tiny", "muon", 2), ("small", "adamw", 4)]
 ACTIVATION_RUNS = [("tiny", 3, 17), ("tiny", 4, 64), ("small", 2, 33), ("small", 4, 128)]
-PEAK_RUNS = [("tiny", "muon", 4, 64), ("small", "muonclip", 4, 128), ("small", "adamw", 2, 256)]
+PEAK_RUNS = [("tiny", "muon", 4, 64, "none"), ("small", "muonclip", 4, 128, "none"), ("small", "adamw", 2, 256, "none"),
+             ("small", "adamw", 2, 256, "selective"), ("small", "adamw", 2, 256, "full")]
 
 
 def row(label: str, planned: float, measured: float) -> dict:
@@ -78,11 +79,11 @@ def activation_rows() -> list[dict]:
 def peak_rows() -> list[dict]:
     header("peak tensor bytes of a real step (one process, 2 micro-batches)")
     rows = []
-    for name, opt, B, T in PEAK_RUNS:
-        measured = measured_peak(name, opt, B, T, grad_accum=2)
+    for name, opt, B, T, mode in PEAK_RUNS:
+        measured = measured_peak(name, opt, B, T, grad_accum=2, recompute=mode)
         planned = plan(Layout(model=name, precision="fp32", kernels="cpu", optimizer=opt, seq_len=T, micro_batch=B,
-                              global_batch_tokens=2 * B * T))["memory"]["total"]
-        rows.append(row(f"{name} {opt} B={B} T={T}", planned, measured))
+                              global_batch_tokens=2 * B * T, recompute=mode))["memory"]["total"]
+        rows.append(row(f"{name} {opt} B={B} T={T} recompute={mode}", planned, measured))
     return rows
 
 
