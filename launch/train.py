@@ -93,6 +93,8 @@ def accumulate(stepper, batches, grad_accum: int, device, info: DistInfo | None,
 
 def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None) -> dict:
     """One optimizer step over grad_accum micro-batches; returns the step's scalars (global means)."""
+    if hasattr(stepper, "train_step"):  # the pipeline engine runs the whole step, 1F1B over its stages
+        return stepper.train_step(batches)
     losses = accumulate(stepper, batches, cfg.grad_accum, device, info)  # lm, aux: summed over micro-batches
     if info is not None:
         torch.distributed.all_reduce(losses)
@@ -116,6 +118,8 @@ def train_step(stepper, batches, cfg: TrainConfig, device, info: DistInfo | None
 @torch.no_grad()
 def evaluate(model, val_batches, device, info: DistInfo | None = None) -> float:
     # Every rank evaluates the same batches (EP and ZeRO-3 forwards are collective).
+    if hasattr(model, "pipelined_evaluate"):  # a pipeline stage: the engine runs the stages in turn
+        return model.pipelined_evaluate(val_batches)
     model.eval()
     total, count = 0.0, 0
     for inputs, targets, *documents in val_batches:
@@ -140,7 +144,12 @@ def build_stepper(cfg: TrainConfig, model, optimizer, info: DistInfo | None, dev
         grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage, bf16=device.type == "cuda",
         user_file=cfg.deepspeed_config,
     )
-    stepper = build_deepspeed_stepper(model, optimizer, ds, expert_parallel=info.ep_size > 1)
+    if cfg.pp_size > 1:
+        from launch.parallel.pipeline import build_pipeline_stepper
+
+        stepper = build_pipeline_stepper(model, optimizer, ds, expert_parallel=info.ep_size > 1)
+    else:
+        stepper = build_deepspeed_stepper(model, optimizer, ds, expert_parallel=info.ep_size > 1)
     return stepper, stepper.engine.optimizer.optimizer, ds  # the client optimizer's groups hold the lr
 
 
@@ -242,11 +251,13 @@ def run(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device)
     info = None
     if launched():
-        info = init_distributed(device, cfg.ep_size, cfg.dist_timeout_s)
+        info = init_distributed(device, cfg.ep_size, cfg.dist_timeout_s, pp_size=cfg.pp_size)
         if device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
     elif cfg.ep_size != 1:
         raise ConfigError(f"ep_size = {cfg.ep_size} needs several processes; launch with torchrun or deepspeed")
+    elif cfg.pp_size != 1:
+        raise ConfigError(f"pp_size = {cfg.pp_size} needs several processes; launch with torchrun or deepspeed")
     if info is not None and cfg.zero_stage == 3 and cfg.recompute != "none":
         # ZeRO-3 frees each weight after its module's forward; our recompute runs modules again in the
         # backward outside DeepSpeed's gather hooks, so they would meet the empty placeholders.
@@ -302,17 +313,23 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         # takes each rank's slice of its experts, as of a fresh one).
         model = (Transformer(model_cfg) if init is None else init.model.train()).to(device)
         counts = count_parameters(model)
+        if cfg.pp_size > 1:  # from here on `model` is this rank's pipeline stage (launch/parallel/pipeline.py)
+            from launch.parallel.pipeline import build_pipeline_module
+
+            model = build_pipeline_module(model, cfg.pp_size, cfg.grad_accum)
         if info is not None and info.ep_size > 1:
             from launch.parallel.expert_parallel import apply_expert_parallel
 
-            ep_group, _, group_name = expert_groups(info.ep_size)
+            ep_group, _, group_name = expert_groups(info.ep_size, pp_size=info.pp_size)
             apply_expert_parallel(model, ep_group, group_name)
         apply_recompute(model, cfg.recompute)  # after EP (it recomputes the all_to_alls), before DeepSpeed
         model.loss_chunk_tokens = cfg.loss_chunk_tokens
         optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
         stepper, optimizer, ds_config = build_stepper(cfg, model, optimizer, info, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-        batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world)
+        # Each data-parallel shard once: the ranks of one pipeline read the same micro-batches.
+        batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank % (world // cfg.pp_size),
+                               world_size=world // cfg.pp_size)
         if decision["ckpt"] is not None:
             ckpt = Path(decision["ckpt"])
             # The plain state is per rank. A rank the saved layout did not have takes the state of saved
@@ -341,7 +358,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
 
             write_deepspeed_config(ds_config, out)
     val_batches = ValBatches(data.val, cfg.micro_batch_size, cfg.eval_batches)
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * world
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * (world // cfg.pp_size)
     peak = gpu_peak_flops(device)
     step_flops = flops_per_token(model_cfg, counts["active"], cfg.seq_len) * tokens_per_step
     if is_main:

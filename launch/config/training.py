@@ -100,6 +100,9 @@ class TrainConfig:
     zero_stage: int = doc_field(1, "DeepSpeed ZeRO stage under a launcher: 1, 2 or 3 (3: AdamW only)")
     ep_size: int = doc_field(1, "expert-parallel size under a launcher: consecutive ranks that split each MoE "
                                 "layer's routed experts")
+    pp_size: int = doc_field(1, "pipeline-parallel stages under a launcher (DeepSpeed's pipeline engine, 1F1B): "
+                                "world / pp consecutive ranks per stage, blocks balanced by parameters; "
+                                "ZeRO-1 with AdamW or Muon for now")
     deepspeed_config: str | None = doc_field(None, "a DeepSpeed JSON to start from (under a launcher); the one "
                                                    "used is written to out_dir")
     dist_timeout_s: float = doc_field(600.0, "seconds a collective may wait under a launcher before the run stops")
@@ -120,6 +123,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.zero_stage = {self.zero_stage}; valid: 1, 2, 3")
         if self.recompute not in RECOMPUTE_MODES:
             raise ConfigError(f"TrainConfig.recompute = {self.recompute!r}; valid: {', '.join(RECOMPUTE_MODES)}")
+        if self.pp_size > 1:
+            self._check_pipeline()
         if self.resume and self.out_dir is None:
             raise ConfigError("resume = true needs out_dir: the run directory to continue (--out-dir)")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -138,6 +143,21 @@ class TrainConfig:
                 f"model.{fields_given[0]} is given with init_from = {self.init_from!r}: a run that starts from "
                 "trained weights trains their model as it is; drop the model fields"
             )
+
+    def _check_pipeline(self) -> None:
+        """What pipeline parallelism does not do yet is refused here, before any work."""
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"TrainConfig.pp_size = {self.pp_size} needs optimizer 'adamw' or 'muon', got "
+                              f"{self.optimizer!r} (MuonClip's QK-clip under pipeline stages is not implemented)")
+        unsupported = {
+            "zero_stage": (self.zero_stage, 1, "DeepSpeed's pipeline engine does not partition gradients or weights"),
+            "recompute": (self.recompute, "none", "recomputation is not applied to pipeline stages"),
+            "loss_chunk_tokens": (self.loss_chunk_tokens, 0, "the last stage computes the whole loss"),
+        }
+        for name, (value, needed, why) in unsupported.items():
+            if value != needed:
+                raise ConfigError(f"TrainConfig.pp_size = {self.pp_size} needs {name} = {needed!r}, got {value!r} "
+                                  f"({why})")
 
     def _check_model(self) -> None:
         hints = typing.get_type_hints(ModelConfig)
@@ -211,7 +231,7 @@ _RANGES = [
     (("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every", "keep_checkpoints", "max_skipped_steps"),
      lambda v: v >= 0, ">= 0"),
     (("loss_chunk_tokens",), lambda v: v >= 0, ">= 0"),
-    (("ep_size",), lambda v: v >= 1, ">= 1"),
+    (("ep_size", "pp_size"), lambda v: v >= 1, ">= 1"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 

@@ -1,0 +1,287 @@
+"""Pipeline parallelism through DeepSpeed's pipeline engine, built from outside the model.
+
+A `Transformer` (moe/model.py) is cut into `pp` stages of consecutive pieces:
+
+    stage 0:      embed_tokens, blocks [0, b1)
+    stage s:      blocks [b_s, b_{s+1})
+    stage pp-1:   blocks [b_{pp-1}, L), norm, lm_head; DeepSpeed applies the loss after it
+
+Each `PipelineStage` holds the Transformer's own modules under the Transformer's own names, so a
+stage's `named_parameters()` are those of the full model ("layers.3.self_attn..."), and the model
+code is unchanged. The stages go to `deepspeed.pipe.PipelineModule` one per pipeline layer, so
+DeepSpeed's partitioner has nothing to decide; the cut is ours: balanced by parameter count
+(DeepSpeed's `partition_balanced` over embed, each block, head) or an explicit blocks-per-stage list.
+`PipelineEngine.train_batch` runs DeepSpeed's TrainSchedule (1F1B: each stage alternates one
+forward and one backward once the pipe is full, so at most pp micro-batches are in flight).
+
+What crosses a stage boundary is one tensor, the hidden state x [B, T, D]: RoPE tables are
+recomputed on every stage from T, and the MoE balance loss never travels. Each MoE block's aux loss
+is attached to the block's output by `_AuxLossGrad`: identity forward, and in backward the aux loss
+receives its gradient 1/grad_accum (d loss / d aux, the loss being lm + sum of aux, divided by the
+accumulation count as DeepSpeed's last stage does) and sends it back through the router into x.
+That is the gradient the unpipelined model gets, stage by stage, with nothing sent but x's gradient.
+The values of the aux losses are summed on each stage for the logs.
+
+The router load counts stay in each stage's routers (buffers); after a step they are summed over
+the stage's data-parallel group only (the ranks holding the same layers) before the bias update.
+Expert parallelism sits inside a stage (launch/parallel/distributed.py's layout). Gradient clipping,
+the global norm and the non-finite-step skip are DeepSpeed's ZeRO-1: the norm and the overflow flag
+are all-reduced over the pipeline group too, so every stage clips by, and skips on, the same number.
+
+Checkpoints: a stage's shards carry the full model's names (`PipelineStepper.shards`), so the
+stages' checkpoints together are the single-device model's (launch/parallel/state_shards.py).
+
+Not supported yet, refused by `check_pipeline` (and TrainConfig): ZeRO-2/3 (DeepSpeed's pipeline
+engine refuses them), tied embeddings (would need TiedLayerSpec), MuonClip (QK-clip all-reduces
+every layer's logits over all ranks, whose layers differ per stage). Muon runs as under ZeRO without
+pipelining (launch/parallel/zero_muon.py), over each stage's own partitions. Packed batches (document ids
+would have to travel too) are refused by `PipelineStepper.train_step`.
+
+Every rank builds the whole Transformer first (same seed) and keeps references to all of it in the
+stage list; only its own stage is registered, trained and moved to the device. That costs host
+memory at scale; building only the local stage (DeepSpeed's LayerSpec) is the next step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+from launch.parallel import state_shards
+from launch.parallel.distributed import all_reduce_router_counts
+from launch.parallel.engine import StepResult, split_expert_param_groups
+from launch.parallel.zero_muon import ZeroMuon
+from moe.config import ConfigError, ModelConfig
+from moe.layers import rope_cos_sin
+from moe.model import IGNORE_INDEX, Transformer
+from moe.moe import MoE
+from moe.router import Router
+from optim import MuonClip
+from optim.muon import Muon
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """x -> x; backward gives `aux` the gradient `scale` (its weight in the loss being minimised)."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale: float):
+        ctx.scale, ctx.aux_meta = scale, (aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        dtype, device = ctx.aux_meta
+        return grad_x, torch.full((), ctx.scale, dtype=dtype, device=device), None
+
+
+class PipelineStage(nn.Module):
+    """Blocks [start, stop) of `model`, with the embedding in front on the first stage and the final
+    norm and head behind on the last. forward: token ids [B, T] (first stage) or x [B, T, D] ->
+    x [B, T, D], or logits [B, T, V] on the last stage."""
+
+    def __init__(self, model: Transformer, start: int, stop: int, first: bool, last: bool, grad_accum: int):
+        super().__init__()
+        cfg: ModelConfig = model.cfg
+        self.rope_dim, self.rope_theta = cfg.qk_rope_head_dim, cfg.rope_theta
+        self.aux_scale = 1.0 / grad_accum
+        self.embed_tokens = model.embed_tokens if first else None
+        # Keys are the global block indices, so parameter names are the full model's.
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, stop)})
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.aux_sum = torch.zeros(())  # detached aux losses of this stage's MoE blocks since the last read
+
+    def forward(self, x):
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
+        positions_T = torch.arange(x.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions_T, self.rope_dim, self.rope_theta, x.dtype)  # [T, R/2], as Transformer
+        for block in self.layers.values():
+            x = block(x, cos, sin)
+            if isinstance(block.mlp, MoE) and block.mlp.aux_loss.requires_grad:
+                aux = block.mlp.aux_loss
+                self.aux_sum = self.aux_sum.to(aux.device) + aux.detach().float()
+                x = _AuxLossGrad.apply(x, aux, self.aux_scale)
+        if self.lm_head is not None:
+            x = self.lm_head(self.norm(x))
+        return x
+
+
+def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, as Transformer.forward computes it (fp32 logits)."""
+    V = logits_BTV.shape[-1]
+    return F.cross_entropy(logits_BTV.float().reshape(-1, V), targets_BT.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def stage_bounds(model: Transformer, pp_size: int, blocks_per_stage: list[int] | None = None) -> list[int]:
+    """Block boundaries [0, b1, ..., L] of the pp_size stages (stage s runs blocks [b_s, b_{s+1})).
+
+    Without `blocks_per_stage` the cut balances parameters: the embedding (stage 0), each block and
+    the norm + head (last stage) are weighed by their parameter counts."""
+    L = len(model.layers)
+    if blocks_per_stage is not None:
+        if len(blocks_per_stage) != pp_size or any(n < 0 for n in blocks_per_stage) or sum(blocks_per_stage) != L:
+            raise ConfigError(f"blocks_per_stage = {list(blocks_per_stage)}: need {pp_size} counts >= 0 (one per stage) "
+                              f"summing to num_layers = {L}")
+        bounds = [0]
+        for n in blocks_per_stage:
+            bounds.append(bounds[-1] + n)
+    else:
+        from deepspeed.runtime.utils import partition_balanced
+
+        if pp_size > L + 2:
+            raise ConfigError(f"pp_size = {pp_size} exceeds num_layers + 2 = {L + 2} (embedding, blocks, head): "
+                              "some stage would hold nothing")
+        count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+        weights = [count(model.embed_tokens), *(count(b) for b in model.layers), count(model.norm, model.lm_head)]
+        parts = partition_balanced(weights, pp_size)  # item boundaries; item 0 is the embedding
+        bounds = [min(max(int(p) - 1, 0), L) for p in parts]
+        bounds[0], bounds[-1] = 0, L
+    for s in range(1, pp_size - 1):
+        if bounds[s] == bounds[s + 1]:
+            raise ConfigError(f"pipeline stage {s} of {pp_size} would hold no block (block boundaries {bounds}); "
+                              "give every middle stage at least one block")
+    return bounds
+
+
+def check_pipeline(model_cfg: ModelConfig, *, pp_size: int, zero_stage: int, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse what pipeline parallelism does not do (yet) instead of doing it wrongly."""
+    if pp_size == 1:
+        return
+    if zero_stage != 1:
+        raise ConfigError(f"pp_size = {pp_size} needs zero_stage 1; got {zero_stage} (DeepSpeed's pipeline engine "
+                          "does not partition gradients or weights: ZeRO-2/3 are incompatible with it)")
+    if model_cfg.tie_embeddings:
+        raise ConfigError(f"pp_size = {pp_size} with tie_embeddings = True is not supported: the embedding and the "
+                          "head live on different stages")
+    if isinstance(optimizer, MuonClip) or not isinstance(optimizer, (torch.optim.AdamW, Muon)):
+        raise ConfigError(f"pp_size = {pp_size} supports optimizers 'adamw' and 'muon' for now; got "
+                          f"{type(optimizer).__name__} (MuonClip's QK-clip reduces every layer's logits over all "
+                          "ranks, whose layers differ per stage)")
+
+
+class StagePipe(PipelineModule):
+    """DeepSpeed's PipelineModule plus the model-side helpers a step needs, over this rank's stage."""
+
+    def stage(self) -> PipelineStage:
+        (stage,) = [m for m in self.children() if isinstance(m, PipelineStage)]
+        return stage
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The output head on the last stage (None elsewhere): optim.muon leaves it to AdamW by this name."""
+        return self.stage().lm_head
+
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def attentions(self) -> list[nn.Module]:
+        return [block.self_attn for block in self.stage().layers.values()]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        for router in self.routers():
+            router.update_bias()
+
+
+def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
+                          blocks_per_stage: list[int] | None = None) -> StagePipe:
+    """`model` cut into pp_size stages on DeepSpeed's PipeDataParallelTopology grid (pipe
+    outermost, see launch/parallel/distributed.py). Every rank passes the same whole `model` (same
+    seed); each keeps only its own stage's modules registered. `stage().named_parameters()` gives
+    the full model's names."""
+    world = dist.get_world_size()
+    if world % pp_size:
+        raise ConfigError(f"pp_size = {pp_size} must divide the number of processes ({world})")
+    bounds = stage_bounds(model, pp_size, blocks_per_stage)
+    stages = [PipelineStage(model, bounds[s], bounds[s + 1], s == 0, s == pp_size - 1, grad_accum)
+              for s in range(pp_size)]
+    topology = PipeDataParallelTopology(num_pp=pp_size, num_dp=world // pp_size)
+    # One pipeline layer per stage: DeepSpeed's uniform partition then gives stage s exactly stages[s].
+    pipe = StagePipe(stages, topology=topology, loss_fn=lm_loss, partition_method="uniform")
+    pipe.block_bounds, pipe.model_cfg = bounds, model.cfg
+    return pipe
+
+
+class PipelineStepper:
+    """One optimizer step = `engine.train_batch` over grad_accum micro-batches (1F1B), then the
+    router bias update on the stage's global load. `train_step(batches)` returns the step's record
+    (the trainer's keys: lm_loss, aux_loss, grad_norm, skipped / router_max_over_mean)."""
+
+    def __init__(self, engine, grad_accum: int):
+        self.engine, self.model, self.grad_accum = engine, engine.module, grad_accum
+        grid = engine.grid
+        self.dp_group, self.pp_group = grid.get_data_parallel_group(), grid.get_pipe_parallel_group()
+        self.dp_size = grid.get_data_parallel_world_size()
+        self.model.pipelined_evaluate = self.evaluate  # what the trainer's evaluate() calls on a stage
+
+    def _micro_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Every rank of a pipeline draws the same micro-batches, so the data iterators of all
+        # stages stay in step (only the first and last stage read them).
+        micro = [next(batches) for _ in range(self.grad_accum)]
+        if any(len(m) != 2 for m in micro):
+            raise ConfigError("pp_size > 1 does not support packed batches (document ids) yet")
+        return [(inputs.to(self.engine.device), targets.to(self.engine.device)) for inputs, targets in micro]
+
+    def train_step(self, batches) -> dict:
+        stage = self.model.stage()
+        stage.aux_sum = torch.zeros((), device=self.engine.device)
+        lm = self.engine.train_batch(iter(self._micro_batches(batches)))  # mean over micro-batches and dp
+        norm = self.engine.get_global_grad_norm()
+        result = StepResult(float("nan") if norm is None else float(norm), bool(self.engine.was_step_applied()))
+        # Each stage holds the aux losses of its own blocks: sum over stages, mean over dp and micro-batches.
+        aux = stage.aux_sum.detach().float().reshape(1)
+        dist.all_reduce(aux)
+        record = {"lm_loss": float(lm), "aux_loss": aux.item() / (self.dp_size * self.grad_accum),
+                  "grad_norm": result.grad_norm}
+        if result.applied:
+            record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in self.model.routers()]
+            all_reduce_router_counts(self.model, group=self.dp_group)
+            self.model.update_router_biases()
+        else:
+            record["skipped"] = True
+            for router in self.model.routers():
+                router.tokens_per_expert_E.zero_()
+        for attn in self.model.attentions():
+            attn.reset_max_logits()
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, val_batches) -> float:
+        """Mean lm loss over val_batches; every rank passes the same batches (all pipelines then
+        agree). Leaves the module in training mode."""
+        micro = [(inputs.to(self.engine.device), targets.to(self.engine.device))
+                 for inputs, targets, *_ in val_batches]
+        loss = self.engine.eval_batch(iter(micro), num_micro_batches=len(micro))
+        self.model.train()
+        return float(loss)
+
+    def shards(self) -> "state_shards.ShardSet":
+        """This stage's weights and ZeRO-1 partition under the full model's names: a checkpoint of all
+        stages together is one of the single-device model (launch/parallel/state_shards.py)."""
+        return state_shards.zero_shards(self.model.stage(), self.engine.optimizer)
+
+    def load_shards(self, reader) -> None:
+        state_shards.load_zero(self.model.stage(), self.engine.optimizer, reader)
+
+
+def build_pipeline_stepper(pipe: StagePipe, optimizer: torch.optim.Optimizer, ds_config: dict,
+                           expert_parallel: bool) -> PipelineStepper:
+    """`optimizer` as built by `optim.build` for `pipe` (after expert parallelism was applied to it)."""
+    import deepspeed
+
+    check_pipeline(pipe.model_cfg, pp_size=pipe.num_stages, zero_stage=ds_config["zero_optimization"]["stage"],
+                   optimizer=optimizer)
+    if isinstance(optimizer, Muon):
+        optimizer = ZeroMuon(optimizer)  # each stage's matrices orthogonalised whole over its ZeRO-1 partitions
+    if expert_parallel:
+        split_expert_param_groups(optimizer)
+    engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    if isinstance(optimizer, ZeroMuon):
+        optimizer.attach(engine.optimizer)
+    return PipelineStepper(engine, ds_config["gradient_accumulation_steps"])
