@@ -65,10 +65,18 @@ def saved_activation_bytes(model: torch.nn.Module, recompute: str, ids_BT: torch
 
 
 def live_tensor_bytes() -> dict:
-    """{storage address: bytes} of every CPU tensor the garbage collector can reach."""
+    """{storage address: bytes} of every CPU tensor the garbage collector can reach. Tensors without
+    data (fake or meta tensors another test's torch.compile left behind) hold no memory: skipped."""
     gc.collect()
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in gc.get_objects() if torch.is_tensor(t) and t.device.type == "cpu"}
+    live = {}
+    for t in gc.get_objects():
+        if torch.is_tensor(t) and t.device.type == "cpu":
+            try:
+                storage = t.untyped_storage()
+                live[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):
+                continue
+    return live
 
 
 def peak_allocated_during(fn) -> int:

@@ -236,8 +236,8 @@ def test_one_process_run_relaunched_under_torchrun_resumes(finished, tmp_path):
 def test_resume_may_change_the_split_of_the_global_batch_but_not_its_size(finished, tmp_path):
     cache, out = copy_of(finished, tmp_path, cut_to=4)
     refused(args(cache, out, "--resume", "--grad-accum", "1"),
-            r"global batch is micro_batch_size x grad_accum x world size = 4 x 2 x 1 = 8 sequences, this command's "
-            r"is 4 x 1 x 1 = 4", out)
+            r"global batch is micro_batch_size x grad_accum x data-parallel size \(world / pp_size\) = 4 x 2 x 1 = 8 "
+            r"sequences, this command's is 4 x 1 x 1 = 4", out)
     run(parse_args(args(cache, out, "--resume", "--micro-batch-size", "8", "--grad-accum", "1")))
     ref, got = losses(finished[1]), losses(out)
     assert max(abs(got[s] - ref[s]) / ref[s] for s in (5, 6)) <= 1e-6, (ref, got)

@@ -8,9 +8,9 @@ under. Resuming compares them with the config of the command that resumes:
   chunking. They change nothing already trained.
 - SCHEDULE fields (lr and its schedule) may change when the command says so; the new values apply
   from the resume step on and the change is logged and kept in config_history.jsonl.
-- LAYOUT fields (expert-parallel size, ZeRO stage, micro-batch size, accumulation) may change, and
-  with them the number of processes, when the global batch micro_batch_size x grad_accum x world
-  size stays the same (`check_global_batch`): checkpoints hold the single-device model's tensors
+- LAYOUT fields (expert-parallel size, ZeRO stage, micro-batch size, accumulation, pipeline stages)
+  may change, and with them the number of processes, when the global batch micro_batch_size x
+  grad_accum x data-parallel size (world / pp_size) stays the same (`check_global_batch`): checkpoints hold the single-device model's tensors
   (`launch/checkpoint/shards.py`), and the data position is global (`launch.data.batches`).
 - Everything else (the model, the data, the optimizer and its state's hyper-parameters, the batch,
   the seed, the parallel layout) is refused with the field and both values: the weights and the
@@ -29,7 +29,7 @@ FREE = {
     "recompute", "loss_chunk_tokens",  # memory for compute: the same gradients (tests/test_recompute.py, test_loss.py)
 }
 SCHEDULE = {"lr", "warmup_steps", "min_lr_ratio"}
-LAYOUT = {"ep_size", "zero_stage", "micro_batch_size", "grad_accum"}
+LAYOUT = {"ep_size", "zero_stage", "micro_batch_size", "grad_accum", "pp_size"}
 # Recorded in the training config, compared through the resolved model config instead.
 _SKIP = {"resolved_model"}
 
@@ -87,16 +87,18 @@ def compare(saved_train: dict, saved_model: dict, train: dict, model: dict, free
 
 def check_global_batch(saved_train: dict, saved_world: int | None, train: dict, world: int) -> None:
     """ConfigError unless a resume keeps the global batch (sequences per optimizer step) the run was
-    trained with; `saved_world` None (no checkpoint yet: the run starts over) checks nothing."""
+    trained with; `saved_world` None (no checkpoint yet: the run starts over) checks nothing. The
+    data-parallel size is the world over the pipeline stages (a run saved before pp_size: 1)."""
     if saved_world is None:
         return
-    before = saved_train["micro_batch_size"] * saved_train["grad_accum"] * saved_world
-    now = train["micro_batch_size"] * train["grad_accum"] * world
+    saved_dp, dp = saved_world // saved_train.get("pp_size", 1), world // train.get("pp_size", 1)
+    before = saved_train["micro_batch_size"] * saved_train["grad_accum"] * saved_dp
+    now = train["micro_batch_size"] * train["grad_accum"] * dp
     if before != now:
         raise ConfigError(
-            f"this command cannot resume the run: its global batch is micro_batch_size x grad_accum x world size = "
-            f"{saved_train['micro_batch_size']} x {saved_train['grad_accum']} x {saved_world} = {before} sequences, this "
-            f"command's is {train['micro_batch_size']} x {train['grad_accum']} x {world} = {now}. Another layout may "
-            f"resume it with the same product: set --micro-batch-size and --grad-accum so that they give {before} on "
-            f"{world} process(es)"
+            f"this command cannot resume the run: its global batch is micro_batch_size x grad_accum x data-parallel "
+            f"size (world / pp_size) = {saved_train['micro_batch_size']} x {saved_train['grad_accum']} x {saved_dp} = "
+            f"{before} sequences, this command's is {train['micro_batch_size']} x {train['grad_accum']} x {dp} = {now}. "
+            f"Another layout may resume it with the same product: set --micro-batch-size and --grad-accum so that "
+            f"they give {before} with a data-parallel size of {dp}"
         )
