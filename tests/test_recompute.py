@@ -302,3 +302,18 @@ def test_trainer_flag_under_deepspeed_and_expert_parallelism(tmp_path):
     refused = torchrun(["-m", "launch.train", *tiny_train_flags(tmp_path, tmp_path / "z3"), "--steps", "1",
                         "--zero-stage", "3", "--recompute", "selective"], check=False)
     assert refused.returncode != 0 and "with zero_stage 3 is not supported" in refused.stderr + refused.stdout
+
+
+@pytest.mark.distributed
+def test_trainer_flag_under_pipeline_stages(tmp_path):
+    """2 pipeline stages: selective and full recompute give none's losses and gradient norms."""
+    got = {}
+    for mode in ("none", "full", "selective"):
+        out = tmp_path / mode
+        torchrun(["-m", "launch.train", *tiny_train_flags(tmp_path, out), "--steps", "3", "--eval-every", "3",
+                  "--eval-batches", "1", "--grad-accum", "2", "--pp-size", "2", "--recompute", mode])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        got[mode] = [r[k] for r in records for k in ("lm_loss", "grad_norm") if k in r]
+    assert len(got["none"]) == 6
+    for mode in ("full", "selective"):
+        assert got[mode] == pytest.approx(got["none"], rel=1e-6), (mode, got)

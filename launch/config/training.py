@@ -151,7 +151,6 @@ class TrainConfig:
                               f"{self.optimizer!r} (MuonClip's QK-clip under pipeline stages is not implemented)")
         unsupported = {
             "zero_stage": (self.zero_stage, 1, "DeepSpeed's pipeline engine does not partition gradients or weights"),
-            "recompute": (self.recompute, "none", "recomputation is not applied to pipeline stages"),
             "loss_chunk_tokens": (self.loss_chunk_tokens, 0, "the last stage computes the whole loss"),
         }
         for name, (value, needed, why) in unsupported.items():
