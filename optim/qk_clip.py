@@ -24,11 +24,13 @@ updated weights just before that layer runs, and clips with max(S_h from the ste
 Layer l is clipped before layer l+1 is measured, so the measured inputs are those of the final
 weights: re-running that micro-batch afterwards gives at most tau in every head (up to rounding).
 It costs one forward of one micro-batch per optimizer step (1 / (3 * grad_accum) of the step's
-forward+backward); `remeasure=False` is K2's rule as published.
+forward+backward); `remeasure=False` is K2's rule as published. Under pipeline parallelism only
+`remeasure=False` is possible (a re-forward would have to run every stage again): each stage clips its
+own layers from its forwards' records, maxed over its data-parallel group (launch/parallel/pipeline.py).
 
 The pieces, for callers that own the weights in another form (launch/ under ZeRO):
 
-    max_LH = reduce_max_logits(attentions)            # stacks max_logits_H, all-reduce MAX if dist is up
+    max_LH = reduce_max_logits(attentions, group)     # stacks max_logits_H, all-reduce MAX over group if dist is up
     gamma_LH = clip_factors(max_LH, tau)              # 1 where S_h <= tau
     q_P, kv_P = mla_row_scales(gamma_H, N, R, Vh)     # per-row factors for query_proj / kv_b_proj
     QKClip(model, tau, remeasure, row_scaler)()       # all of the above after an update, records reset
@@ -90,17 +92,18 @@ def scale_param_rows_(param: nn.Parameter, scale_P: torch.Tensor) -> None:
     scale_rows_(param.data, scale_P)
 
 
-def all_reduce_max_(max_logits: torch.Tensor) -> torch.Tensor:
+def all_reduce_max_(max_logits: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Max over data-parallel ranks, in place, when a process group is initialised (each rank saw
-    different batches; all must apply the same clip). Returns the tensor."""
+    different batches; all must apply the same clip). `group` None is the default group (all ranks);
+    a pipeline stage passes its data-parallel group, the ranks holding the same layers. Returns the tensor."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)
+        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX, group=group)
     return max_logits
 
 
-def reduce_max_logits(attentions: Sequence[nn.Module]) -> torch.Tensor:
-    """max_LH: every layer's recorded per-head max logit, maxed over data-parallel ranks."""
-    return all_reduce_max_(torch.stack([attn.max_logits_H.float() for attn in attentions]))
+def reduce_max_logits(attentions: Sequence[nn.Module], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """max_LH: every layer's recorded per-head max logit, maxed over the data-parallel ranks of `group`."""
+    return all_reduce_max_(torch.stack([attn.max_logits_H.float() for attn in attentions]), group)
 
 
 def clip_layer_(attn: nn.Module, gamma_H: torch.Tensor, row_scaler: RowScaler) -> None:
@@ -111,12 +114,14 @@ def clip_layer_(attn: nn.Module, gamma_H: torch.Tensor, row_scaler: RowScaler) -
 
 
 @torch.no_grad()
-def qk_clip_(attentions: Sequence[nn.Module], tau: float, row_scaler: RowScaler = scale_param_rows_) -> torch.Tensor:
-    """K2's rule: clip every head whose recorded max logit is over tau, then reset the records.
+def qk_clip_(attentions: Sequence[nn.Module], tau: float, row_scaler: RowScaler = scale_param_rows_,
+             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """K2's rule: clip every head whose recorded max logit (maxed over `group`) is over tau, then
+    reset the records.
 
     Returns the max logits [L, H] the clip acted on (before clipping), for logging.
     """
-    max_LH = reduce_max_logits(attentions)
+    max_LH = reduce_max_logits(attentions, group)
     gamma_LH = clip_factors(max_LH, tau)
     clipped_L = (gamma_LH < 1).any(dim=1).tolist()  # one host sync for all layers
     for attn, gamma_H, clipped in zip(attentions, gamma_LH, clipped_L):
@@ -133,7 +138,10 @@ class QKClip:
     that remembers the input ids, document ids (and autocast settings) of the last forward that builds a graph in
     training mode: the step's last micro-batch. A call clips as the module docstring says, resets
     the records and returns the [L, H] max logits the clip acted on (also `last_max_logits_LH`).
-    `row_scaler` is an attribute: replace it when another component owns the master weights.
+    `row_scaler` and `group` (the ranks the max logits are maxed over; None: all) are attributes:
+    replace them when another component owns the master weights, or when only some ranks hold these
+    layers (a pipeline stage, launch/parallel/pipeline.py: there `remeasure` must be off, as re-running
+    a micro-batch would mean running the whole pipeline again).
     """
 
     def __init__(self, model: nn.Module, tau: float = 100.0, remeasure: bool = True,
@@ -145,6 +153,7 @@ class QKClip:
                              f"{type(model).__name__} has none")
         self.model, self.attentions = model, list(model.attentions())
         self.tau, self.remeasure, self.row_scaler = tau, remeasure, row_scaler
+        self.group: dist.ProcessGroup | None = None
         self.last_max_logits_LH: torch.Tensor | None = None
         self._batch: tuple | None = None  # (input ids, autocast on, autocast dtype) of the last training forward
         for attn in self.attentions:
@@ -164,11 +173,11 @@ class QKClip:
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
         if self.remeasure and self._batch is not None:
-            max_LH = self._clip_while_reforwarding(reduce_max_logits(self.attentions))
+            max_LH = self._clip_while_reforwarding(reduce_max_logits(self.attentions, self.group))
             for attn in self.attentions:
                 attn.reset_max_logits()
         else:
-            max_LH = qk_clip_(self.attentions, self.tau, self.row_scaler)
+            max_LH = qk_clip_(self.attentions, self.tau, self.row_scaler, self.group)
         self._batch = None
         self.last_max_logits_LH = max_LH
         return max_LH
@@ -180,7 +189,7 @@ class QKClip:
 
         def clip_before(layer: int):
             def hook(attn: nn.Module, args: tuple) -> None:
-                S_H = all_reduce_max_(attn.max_logits(*args))
+                S_H = all_reduce_max_(attn.max_logits(*args), self.group)
                 torch.maximum(max_LH[layer], S_H, out=max_LH[layer])
                 gamma_H = clip_factors(max_LH[layer], self.tau)
                 if (gamma_H < 1).any():  # one host sync per layer, once per optimizer step

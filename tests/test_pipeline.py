@@ -2,8 +2,9 @@
 single-process stepper; see tests/dist/pipeline_check.py for what each launch runs.
 
 Tolerances: 1e-6 relative on per-step lm loss, aux loss and grad norm, and on the final weights
-(relative to the largest weight; 1e-5 with Muon); measured ~1e-7 (losses, norms) and <= 4e-7
-(weights; 1.6e-6 with Muon): fp32 summation order. Router biases are compared exactly: they move by +-speed steps.
+(relative to the largest weight; 1e-5 with Muon and MuonClip); measured ~1e-7 (losses, norms) and
+<= 4e-7 (weights; 1.6e-6 with Muon, 3.9e-7 with MuonClip): fp32 summation order. Router biases are
+compared exactly: they move by +-speed steps.
 """
 
 import json
@@ -24,6 +25,7 @@ from moe.config import ConfigError, preset  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 
 TOL = 1e-6
+TRAINER_TAU = 0.06  # below the tiny trainer run's largest logits (measured 0.062-0.071 per step), so it clips
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,8 @@ def _optimizer(name, model):
 @pytest.mark.parametrize("zero_stage, optimizer, match", [
     (2, "adamw", "zero_stage 1"),
     (3, "adamw", "zero_stage 1"),
-    (1, "muonclip", "'adamw' and 'muon'"),
+    (1, "torch.optim.SGD", "'adamw', 'muon' and 'muonclip'"),
+    (1, "muonclip", "MuonClip needs qk_clip_remeasure = False"),  # the default re-measure re-runs the pipeline
 ])
 def test_check_pipeline_refuses(zero_stage, optimizer, match):
     cfg = preset("tiny")
@@ -133,6 +136,13 @@ def test_check_pipeline_refuses(zero_stage, optimizer, match):
     with pytest.raises(ConfigError, match=match):
         check_pipeline(cfg, pp_size=2, zero_stage=zero_stage, optimizer=opt)
     check_pipeline(cfg, pp_size=1, zero_stage=zero_stage, optimizer=opt)  # nothing to refuse without a pipeline
+
+
+def test_check_pipeline_takes_muonclip_without_remeasure():
+    import optim
+    cfg = preset("tiny")
+    opt = optim.build("muonclip", Transformer(cfg), lr=1e-3, qk_clip_remeasure=False)
+    check_pipeline(cfg, pp_size=2, zero_stage=1, optimizer=opt)
 
 
 def test_check_pipeline_refuses_tied_embeddings():
@@ -147,6 +157,33 @@ def test_muon_pp2_and_pp2_ep2_match_single_process(pp2, pp4):
     # Newton-Schulz iterates on fp32 gradients that differ by rounding: measured <= 1.6e-6 (EP=2), 7e-7 (PP=2).
     for rank in pp2 + pp4:
         assert_matches_reference(rank["muon"], weights_tol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world, case", [(2, "muonclip"), (4, "muonclip_ep2"), (4, "muonclip_dp2")])
+def test_muonclip_pp2_ep2_dp2_match_single_process(pp2, pp4, world, case):
+    """QK-clip per stage (remeasure off, tau below most heads' logits) against one process's MuonClip."""
+    for rank in pp2 if world == 2 else pp4:
+        # The reference really clipped (heads over tau per step, of 16), and the clips moved it far
+        # from the unclipped Muon run (measured 1.8e-2 of the largest weight): the check is not void.
+        assert sum(rank["muonclip_ref_clipped"]) >= 5, rank["muonclip_ref_clipped"]
+        assert rank["clip_effect"] > 1e-3
+        r = rank[case]
+        assert_matches_reference(r, weights_tol=1e-5)
+        assert r["layers"] == 2
+        # The maxima each stage clipped on are the reference's for its layers (measured <= 5.3e-7), and
+        # the logged per-layer maxima, assembled over stages, are the reference's (measured <= 4.8e-7).
+        assert r["max_logits_rel"] <= 1e-5 and r["logged_rel"] <= 1e-5
+        assert r["master_diff"] == 0.0  # ZeRO's fp32 masters were clipped too, exactly as the working weights
+
+
+def test_trainer_config_muonclip_under_pp_needs_remeasure_off():
+    with pytest.raises(ConfigError, match="optimizer_args.qk_clip_remeasure = false, got True"):
+        TrainConfig(pp_size=2, optimizer="muonclip")
+    with pytest.raises(ConfigError, match="needs optimizer 'adamw', 'muon' or 'muonclip'"):
+        TrainConfig(pp_size=2, optimizer="torch.optim.SGD")
+    TrainConfig(pp_size=2, optimizer="muonclip", optimizer_args={"qk_clip_remeasure": False, "qk_clip_tau": 50.0})
+    TrainConfig(pp_size=1, optimizer="muonclip")  # the re-measure stays the default without a pipeline
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -174,6 +211,44 @@ def test_trainer_pp2_matches_single_process_and_resumes(tmp_path):
         for key in ("lm_loss", "aux_loss", "grad_norm", "val_loss"):
             if key in b:
                 assert abs(a[key] - b[key]) <= TOL * abs(b[key]), (key, a, b)
+
+
+@pytest.mark.distributed
+def test_trainer_pp2_muonclip_matches_single_process(tmp_path):
+    """launch.train --pp-size 2 --optimizer muonclip (remeasure off) against the one-process trainer:
+    the same losses, grad norms and logged max logits (each layer's, assembled from both stages)."""
+    # first_k_dense 0: both stages hold an MoE block, hence the same param groups (check_stage_groups).
+    flags = [*tiny_train_flags(tmp_path, tmp_path / "unused"), "--model.first_k_dense", "0", "--grad-accum", "2",
+             "--eval-every", "4", "--eval-batches", "1", "--steps", "4", "--optimizer", "muonclip", "--lr", "1e-2",
+             "--optimizer-args", f"{{qk_clip_tau: {TRAINER_TAU}, qk_clip_remeasure: false}}"]
+    flags = flags[:flags.index("--out-dir")] + flags[flags.index("--out-dir") + 2:]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    single, piped = tmp_path / "single", tmp_path / "pp"
+    subprocess.run([sys.executable, "-m", "launch.train", *flags, "--out-dir", str(single)], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=300)
+    torchrun(["-m", "launch.train", *flags, "--pp-size", "2", "--out-dir", str(piped)], nproc=2)
+    ref = [r for r in _metrics(single) if "lm_loss" in r]
+    got = [r for r in _metrics(piped) if "lm_loss" in r]
+    assert [r["step"] for r in got] == [r["step"] for r in ref] and len(ref) == 4
+    assert max(r["max_logit"] for r in ref) > TRAINER_TAU  # some head really was clipped
+    for a, b in zip(got, ref):
+        assert a["qk_clip_tau"] == b["qk_clip_tau"] == TRAINER_TAU
+        for key in ("lm_loss", "grad_norm", "max_logit"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (key, a, b)
+        assert len(a["max_logit_by_layer"]) == len(b["max_logit_by_layer"])
+        for x, y in zip(a["max_logit_by_layer"], b["max_logit_by_layer"]):
+            assert abs(x - y) <= 1e-5 * abs(y), (a, b)
+
+
+@pytest.mark.distributed
+def test_trainer_refuses_stages_with_different_param_groups(tmp_path):
+    # tiny: block 0 dense (stage 0), block 1 MoE (stage 1, the experts' fused gate/up group): ZeRO-1
+    # would all-reduce 2 group norms on one stage and 3 on the other, and hang; refused instead.
+    proc = torchrun(["-m", "launch.train", *tiny_train_flags(tmp_path, tmp_path / "run"), "--steps", "1",
+                     "--pp-size", "2", "--optimizer", "muon"], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert ("config error: pp_size = 2: the stages' optimizers have different param groups (stage 0: muon, adamw; "
+            "stage 1: muon, muon_2_row_blocks, adamw)") in proc.stderr
 
 
 def test_trainer_refuses_pp_without_launcher_or_with_zero2(tmp_path):

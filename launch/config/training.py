@@ -102,7 +102,7 @@ class TrainConfig:
                                 "layer's routed experts")
     pp_size: int = doc_field(1, "pipeline-parallel stages under a launcher (DeepSpeed's pipeline engine, 1F1B): "
                                 "world / pp consecutive ranks per stage, blocks balanced by parameters; "
-                                "ZeRO-1 with AdamW or Muon for now")
+                                "ZeRO-1 with AdamW, Muon or MuonClip (qk_clip_remeasure false) for now")
     deepspeed_config: str | None = doc_field(None, "a DeepSpeed JSON to start from (under a launcher); the one "
                                                    "used is written to out_dir")
     dist_timeout_s: float = doc_field(600.0, "seconds a collective may wait under a launcher before the run stops")
@@ -146,9 +146,17 @@ class TrainConfig:
 
     def _check_pipeline(self) -> None:
         """What pipeline parallelism does not do yet is refused here, before any work."""
-        if self.optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"TrainConfig.pp_size = {self.pp_size} needs optimizer 'adamw' or 'muon', got "
-                              f"{self.optimizer!r} (MuonClip's QK-clip under pipeline stages is not implemented)")
+        if self.optimizer not in ("adamw", "muon", "muonclip"):
+            raise ConfigError(f"TrainConfig.pp_size = {self.pp_size} needs optimizer 'adamw', 'muon' or 'muonclip', "
+                              f"got {self.optimizer!r}")
+        if self.optimizer == "muonclip" and self.optimizer_args.get("qk_clip_remeasure", True):
+            # Refused rather than quietly switched off: the run would otherwise clip less exactly than asked.
+            raise ConfigError(
+                f"TrainConfig.pp_size = {self.pp_size} with optimizer 'muonclip' needs optimizer_args."
+                f"qk_clip_remeasure = false, got {self.optimizer_args.get('qk_clip_remeasure', True)!r} (true is the "
+                "default): the exact re-measure re-forwards a micro-batch through every layer, which across "
+                "pipeline stages would mean running the pipeline again; with false each stage clips its own "
+                "layers from the max logits of the step's forwards (K2's rule as published)")
         unsupported = {
             "zero_stage": (self.zero_stage, 1, "DeepSpeed's pipeline engine does not partition gradients or weights"),
             "loss_chunk_tokens": (self.loss_chunk_tokens, 0, "the last stage computes the whole loss"),

@@ -31,11 +31,18 @@ are all-reduced over the pipeline group too, so every stage clips by, and skips 
 Checkpoints: a stage's shards carry the full model's names (`PipelineStepper.shards`), so the
 stages' checkpoints together are the single-device model's (launch/parallel/state_shards.py).
 
+Muon runs as under ZeRO without pipelining (launch/parallel/zero_muon.py), over each stage's own
+partitions. MuonClip too, with QK-clip done per stage after each applied step: a stage clips only
+its own blocks' attentions, from the max logits its forwards recorded during the step's
+micro-batches, maxed over the stage's data-parallel group (never over other stages, which hold other
+layers), and scales the rows of ZeRO's fp32 masters (`zero_row_scaler`). That is K2's rule as
+published, `qk_clip_remeasure=False`: the exact re-measure (optim/qk_clip.py) re-forwards the last
+micro-batch through every layer in turn, which across stages would mean running the pipeline again,
+so `check_pipeline` refuses `qk_clip_remeasure=True` rather than silently falling back.
+
 Not supported yet, refused by `check_pipeline` (and TrainConfig): ZeRO-2/3 (DeepSpeed's pipeline
-engine refuses them), tied embeddings (would need TiedLayerSpec), MuonClip (QK-clip all-reduces
-every layer's logits over all ranks, whose layers differ per stage). Muon runs as under ZeRO without
-pipelining (launch/parallel/zero_muon.py), over each stage's own partitions. Packed batches (document ids
-would have to travel too) are refused by `PipelineStepper.train_step`.
+engine refuses them), tied embeddings (would need TiedLayerSpec), MuonClip's re-measure (above).
+Packed batches (document ids would have to travel too) are refused by `PipelineStepper.train_step`.
 
 Every rank builds the whole Transformer first (same seed) and keeps references to all of it in the
 stage list; only its own stage is registered, trained and moved to the device. That costs host
@@ -55,13 +62,13 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from launch.parallel import state_shards
 from launch.parallel.distributed import all_reduce_router_counts
 from launch.parallel.engine import StepResult, split_expert_param_groups
-from launch.parallel.zero_muon import ZeroMuon
+from launch.parallel.zero_muon import ZeroMuon, zero_row_scaler
 from moe.config import ConfigError, ModelConfig
 from moe.layers import rope_cos_sin
 from moe.model import IGNORE_INDEX, Transformer
 from moe.moe import MoE
 from moe.router import Router
-from optim import MuonClip
+from optim import MuonClip, QKClip
 from optim.muon import Muon
 
 
@@ -159,10 +166,31 @@ def check_pipeline(model_cfg: ModelConfig, *, pp_size: int, zero_stage: int, opt
     if model_cfg.tie_embeddings:
         raise ConfigError(f"pp_size = {pp_size} with tie_embeddings = True is not supported: the embedding and the "
                           "head live on different stages")
-    if isinstance(optimizer, MuonClip) or not isinstance(optimizer, (torch.optim.AdamW, Muon)):
-        raise ConfigError(f"pp_size = {pp_size} supports optimizers 'adamw' and 'muon' for now; got "
-                          f"{type(optimizer).__name__} (MuonClip's QK-clip reduces every layer's logits over all "
-                          "ranks, whose layers differ per stage)")
+    if not isinstance(optimizer, (torch.optim.AdamW, Muon)):
+        raise ConfigError(f"pp_size = {pp_size} supports optimizers 'adamw', 'muon' and 'muonclip' for now; got "
+                          f"{type(optimizer).__name__}")
+    if isinstance(optimizer, MuonClip) and optimizer.qk_clip.remeasure:
+        raise ConfigError(f"pp_size = {pp_size} with MuonClip needs qk_clip_remeasure = False: the exact re-measure "
+                          "re-forwards a micro-batch through every layer, which across pipeline stages would mean "
+                          "running the pipeline again; each stage clips its own layers from the max logits of "
+                          "the step's forwards (K2's rule as published)")
+
+
+def check_stage_groups(optimizer: torch.optim.Optimizer, pp_group) -> None:
+    """Refuse stages whose optimizers have different numbers of param groups (collective over the
+    pipeline group). DeepSpeed's ZeRO-1 all-reduces each group's gradient norm over the pipeline,
+    group by group, so such stages would wait on each other forever: with Muon, a stage of dense
+    blocks only lacks the experts' fused gate/up group of a stage with MoE blocks. (Padding the
+    smaller stages with empty groups is not enough: the run still hangs, measured.)"""
+    names = [group.get("name", f"group{i}") for i, group in enumerate(optimizer.param_groups)]
+    stages: list = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(stages, names, group=pp_group)
+    if len({len(n) for n in stages}) > 1:
+        listed = "; ".join(f"stage {s}: {', '.join(n)}" for s, n in enumerate(stages))
+        raise ConfigError(f"pp_size = {len(stages)}: the stages' optimizers have different param groups ({listed}); "
+                          "DeepSpeed's ZeRO-1 reduces the gradient norm group by group over the pipeline, so every "
+                          "stage needs as many groups: cut the blocks so each stage holds the same kinds of blocks "
+                          "(dense / MoE), e.g. with first_k_dense = 0 or another blocks_per_stage")
 
 
 class StagePipe(PipelineModule):
@@ -209,16 +237,23 @@ def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
 
 
 class PipelineStepper:
-    """One optimizer step = `engine.train_batch` over grad_accum micro-batches (1F1B), then the
-    router bias update on the stage's global load. `train_step(batches)` returns the step's record
-    (the trainer's keys: lm_loss, aux_loss, grad_norm, skipped / router_max_over_mean)."""
+    """One optimizer step = `engine.train_batch` over grad_accum micro-batches (1F1B), then QK-clip
+    of the stage's own layers (with MuonClip) and the router bias update on the stage's global load.
+    `train_step(batches)` returns the step's record (the trainer's keys: lm_loss, aux_loss, grad_norm,
+    skipped / router_max_over_mean, and with QK-clip max_logit, max_logit_by_layer, qk_clip_tau)."""
 
-    def __init__(self, engine, grad_accum: int):
+    def __init__(self, engine, grad_accum: int, qk_clip: QKClip | None = None):
         self.engine, self.model, self.grad_accum = engine, engine.module, grad_accum
         grid = engine.grid
         self.dp_group, self.pp_group = grid.get_data_parallel_group(), grid.get_pipe_parallel_group()
         self.dp_size = grid.get_data_parallel_world_size()
         self.model.pipelined_evaluate = self.evaluate  # what the trainer's evaluate() calls on a stage
+        self.qk_clip = qk_clip
+        if qk_clip is not None:
+            # The ranks holding this stage's layers saw different batches: they agree on one clip. Other
+            # stages' layers are not ours to clip, so the default (world) group would be wrong.
+            qk_clip.group = self.dp_group
+            qk_clip.row_scaler = zero_row_scaler  # ZeRO-1's partitions hold the fp32 masters
 
     def _micro_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # Every rank of a pipeline draws the same micro-batches, so the data iterators of all
@@ -240,6 +275,8 @@ class PipelineStepper:
         record = {"lm_loss": float(lm), "aux_loss": aux.item() / (self.dp_size * self.grad_accum),
                   "grad_norm": result.grad_norm}
         if result.applied:
+            if self.qk_clip is not None:
+                record.update(self._clip())
             record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in self.model.routers()]
             all_reduce_router_counts(self.model, group=self.dp_group)
             self.model.update_router_biases()
@@ -250,6 +287,18 @@ class PipelineStepper:
         for attn in self.model.attentions():
             attn.reset_max_logits()
         return record
+
+    @torch.no_grad()
+    def _clip(self) -> dict:
+        """QK-clip of this stage's layers; returns the logged max logits of all layers, before clipping."""
+        lo, hi = self.model.block_bounds[self.model.stage_id], self.model.block_bounds[self.model.stage_id + 1]
+        by_layer_L = torch.full((self.model.model_cfg.num_layers,), float("-inf"), device=self.engine.device)
+        if self.qk_clip.attentions:  # a first or last stage may hold no block, hence no attention
+            by_layer_L[lo:hi] = self.qk_clip().max(dim=1).values
+        # Each stage fills its own layers: the max over the pipeline assembles all of them for the log.
+        dist.all_reduce(by_layer_L, op=dist.ReduceOp.MAX, group=self.pp_group)
+        return {"max_logit": by_layer_L.max().item(), "max_logit_by_layer": by_layer_L.tolist(),
+                "qk_clip_tau": self.qk_clip.tau}
 
     @torch.no_grad()
     def evaluate(self, val_batches) -> float:
@@ -277,11 +326,13 @@ def build_pipeline_stepper(pipe: StagePipe, optimizer: torch.optim.Optimizer, ds
 
     check_pipeline(pipe.model_cfg, pp_size=pipe.num_stages, zero_stage=ds_config["zero_optimization"]["stage"],
                    optimizer=optimizer)
+    qk_clip = optimizer.qk_clip if isinstance(optimizer, MuonClip) else None  # run by the stepper, per stage
     if isinstance(optimizer, Muon):
         optimizer = ZeroMuon(optimizer)  # each stage's matrices orthogonalised whole over its ZeRO-1 partitions
     if expert_parallel:
         split_expert_param_groups(optimizer)
+    check_stage_groups(optimizer, pipe._grid.get_pipe_parallel_group())  # PipelineModule's grid, made at construction
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=ds_config, dist_init_required=False)
     if isinstance(optimizer, ZeroMuon):
         optimizer.attach(engine.optimizer)
-    return PipelineStepper(engine, ds_config["gradient_accumulation_steps"])
+    return PipelineStepper(engine, ds_config["gradient_accumulation_steps"], qk_clip)

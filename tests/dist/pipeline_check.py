@@ -7,7 +7,15 @@ raised to 0.05 (from 1e-4) so the aux loss's gradient moves the weights far beyo
 a pipeline that dropped it would fail the weight check. grad_clip is below the measured norms, so
 every step is clipped by the global norm across stages.
 
-Then the same against Muon (PP=2, and PP=2 x EP=2 on 4 ranks). With 2 ranks it also checks the non-finite skip: a NaN injected into one last-stage gradient at
+Then the same against Muon (PP=2, and PP=2 x EP=2 on 4 ranks), and against MuonClip with
+remeasure off at tau = TAU, below many heads' max logits (~0.05-0.09 here), so that most steps
+clip some heads: PP=2, and PP=2 x EP=2 and PP=2 x DP=2 on 4 ranks. There each stage also reports the
+max logits its last clip acted on (to match the reference's rows of its layers), the logged per-layer
+maxima of every step, and how far ZeRO's fp32 masters of
+the clipped weights are from the working weights after each step (a clip of the working copy alone
+would leave them apart, and be undone by the next update).
+
+With 2 ranks it also checks the non-finite skip: a NaN injected into one last-stage gradient at
 step 2 must make both stages skip that step (weights and router biases as before it) and train on.
 """
 
@@ -35,13 +43,15 @@ CFG = preset("tiny", num_layers=4, num_experts=4, num_experts_per_tok=2, seq_aux
 # lr 1e-3: at 1e-2 the grad norm climbs 2 -> 22 in 5 steps and fp32 rounding differences grow with
 # it (measured 1e-5 relative on the weights); at 1e-3 the run is stable and agrees to ~3e-7.
 STEPS, MBS, GA, T, CLIP, LR = 5, 2, 3, 16, 0.5, 1e-3
+TAU = 0.06  # QK-clip threshold of the MuonClip runs (the Muon run's max logits: 0.052-0.085 per step and layer)
 g = torch.Generator().manual_seed(7)
 DATA = torch.randint(0, CFG.vocab_size, (STEPS, GA, MBS * DP, T + 1), generator=g)  # global micro-batches
 
 
 def optimizer(name, module):
     # eps 1e-6 as in parity_check.py: keeps a rounding-level gradient from taking a full-size step.
-    return optim.build(name, module, lr=LR, weight_decay=0.1, eps=1e-6)
+    clip = {"qk_clip_tau": TAU, "qk_clip_remeasure": False} if name == "muonclip" else {}
+    return optim.build(name, module, lr=LR, weight_decay=0.1, eps=1e-6, **clip)
 
 
 def fresh_model():
@@ -52,7 +62,7 @@ def fresh_model():
 def reference(opt="adamw"):
     model = fresh_model()
     stepper = LocalStepper(model, optimizer(opt, model), GA, CLIP)
-    losses, auxes, norms = [], [], []
+    losses, auxes, norms, max_logits = [], [], [], []
     for step in range(STEPS):
         lm = aux = 0.0
         for k in range(GA):
@@ -63,7 +73,9 @@ def reference(opt="adamw"):
         result = stepper.step()
         model.update_router_biases()  # the whole global batch is here: its counts are the global ones
         losses.append(lm), auxes.append(aux), norms.append(result.grad_norm)
-    return model, {"lm": losses, "aux": auxes, "norm": norms}
+        if stepper.last_max_logits_LH is not None:
+            max_logits.append(stepper.last_max_logits_LH.tolist())  # [L, H] the clip acted on
+    return model, {"lm": losses, "aux": auxes, "norm": norms, "max_logits": max_logits}
 
 
 class Shards:
@@ -98,6 +110,8 @@ def pipelined(ep_size=1, blocks_per_stage=None, nan_at_step=None, opt="adamw"):
         if step == nan_at_step:
             before = full_state(pipe)
         records.append(stepper.train_step(batches))
+        if opt == "muonclip":
+            records[-1]["master_diff"] = master_diff(pipe)
         if handle is not None:
             handle.remove()
         if step == nan_at_step:
@@ -144,6 +158,31 @@ def compare(pipe, records, ref_model, ref):
     }
 
 
+def master_diff(pipe):
+    """Largest |fp32 master - working weight| over the weights QK-clip scales, on this stage."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    diff = 0.0
+    for attn in pipe.attentions():
+        for w in (attn.query_proj().weight, attn.kv_b_proj.weight):
+            master = safe_get_full_fp32_param(w)  # collective over the stage's dp group, same order on each rank
+            diff = max(diff, (master - w.detach().float()).abs().max().item())
+    return diff
+
+
+def clip_checks(pipe, stepper, records, ref):
+    """The stage's last clip against the reference's rows of its layers, the logged per-layer maxima
+    (all stages) against the reference's; masters against working weights after every step."""
+    lo, hi = pipe.block_bounds[pipe.stage_id], pipe.block_bounds[pipe.stage_id + 1]
+    mine_LH = stepper.qk_clip.last_max_logits_LH
+    ref_LH = torch.tensor(ref["max_logits"][-1])[lo:hi]
+    logged_L = torch.tensor([r["max_logit_by_layer"] for r in records])  # [steps, L]
+    ref_L = torch.tensor(ref["max_logits"]).amax(dim=2)
+    return {"max_logits_rel": ((mine_LH - ref_LH).abs().max() / ref_LH.abs().max()).item(),
+            "logged_rel": ((logged_L - ref_L).abs().max() / ref_L.abs().max()).item(),
+            "layers": hi - lo, "master_diff": max(r["master_diff"] for r in records)}
+
+
 ref_model, ref = reference()
 record = {"ref": ref, "stage": rank // DP}
 pipe, records, ep, stepper = pipelined()
@@ -167,5 +206,14 @@ else:
 muon_model, muon_ref = reference("muon")
 pipe, records, ep, _ = pipelined(ep_size=1 if world == 2 else 2, opt="muon")
 record["muon"] = compare(pipe, records, muon_model, muon_ref)
+# MuonClip: each stage clips its own layers from its forwards' maxima, maxed over its dp group.
+clip_model, clip_ref = reference("muonclip")
+record["muonclip_ref_clipped"] = [sum(s > TAU for row in step for s in row) for step in clip_ref["max_logits"]]
+# How far the clips moved the reference from the Muon one: far beyond the tolerance, or the check is void.
+record["clip_effect"] = max((p - q).abs().max().item() for p, q in zip(clip_model.parameters(), muon_model.parameters())
+                            ) / max(p.abs().max().item() for p in muon_model.parameters())
+for case, ep_size in ([("muonclip", 1)] if world == 2 else [("muonclip_ep2", 2), ("muonclip_dp2", 1)]):
+    pipe, records, ep, stepper = pipelined(ep_size=ep_size, opt="muonclip")
+    record[case] = {**compare(pipe, records, clip_model, clip_ref), **clip_checks(pipe, stepper, records, clip_ref)}
 write_result(out_dir, rank, record)
 dist.destroy_process_group()
