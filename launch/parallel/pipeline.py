@@ -277,7 +277,11 @@ class PipelineStepper:
         if result.applied:
             if self.qk_clip is not None:
                 record.update(self._clip())
-            record["router_max_over_mean"] = [round(r.load_stats()["max_over_mean"], 4) for r in self.model.routers()]
+            # Each stage holds its own layers' routers: gathered in stage order, so the log lists every MoE layer.
+            local = [round(r.load_stats()["max_over_mean"], 4) for r in self.model.routers()]
+            stages: list = [None] * dist.get_world_size(self.pp_group)
+            dist.all_gather_object(stages, local, group=self.pp_group)
+            record["router_max_over_mean"] = [value for stage_values in stages for value in stage_values]
             all_reduce_router_counts(self.model, group=self.dp_group)
             self.model.update_router_biases()
         else:
