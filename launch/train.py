@@ -470,6 +470,18 @@ def run_cli(command) -> None:
         sys.exit(f"checkpoint error: {err}")
     except TrainingFailed as err:
         sys.exit(f"training failed: {err}")
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """After a successful run under a launcher: wait for every rank, then take the process groups
+    down before the interpreter exits. Left to interpreter shutdown, a rank could exit while a
+    peer's gloo worker threads were still live, and that peer aborted in C++ ("terminate called
+    without an active exception", SIGABRT) after training had finished. Error paths skip this: a
+    barrier there could wait on a rank that is gone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
