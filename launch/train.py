@@ -78,8 +78,10 @@ def accumulate(stepper, batches, grad_accum: int, device, info: DistInfo | None,
     masters and their gradients are untouched. False: a region per micro-batch forward (as before).
     """
     losses = torch.zeros(2, device=device)
-    step_region = autocast(device, info) if casts_once else contextlib.nullcontext()
-    with step_region, weight_casts_once() if casts_once else contextlib.nullcontext():
+    with contextlib.ExitStack() as step_region:
+        if casts_once:
+            step_region.enter_context(autocast(device, info))
+            step_region.enter_context(weight_casts_once())
         for _ in range(grad_accum):
             # (inputs, targets) of text; (inputs, targets, document ids) of packed conversations
             micro_batch = [t.to(device, non_blocking=True) for t in next(batches)]
@@ -258,17 +260,18 @@ def run(cfg: TrainConfig) -> dict:
         raise ConfigError(f"ep_size = {cfg.ep_size} needs several processes; launch with torchrun or deepspeed")
     elif cfg.pp_size != 1:
         raise ConfigError(f"pp_size = {cfg.pp_size} needs several processes; launch with torchrun or deepspeed")
-    if info is not None and cfg.zero_stage == 3 and cfg.recompute != "none":
-        # ZeRO-3 frees each weight after its module's forward; our recompute runs modules again in the
-        # backward outside DeepSpeed's gather hooks, so they would meet the empty placeholders.
-        raise ConfigError(f"recompute = {cfg.recompute!r} with zero_stage 3 is not supported: ZeRO-3's released "
-                          "weights are not gathered again for the recompute. Use zero_stage 1 or 2, or recompute none")
-    if info is not None and cfg.zero_stage == 3 and cfg.loss_chunk_tokens:
-        # The chunked loss reads lm_head.weight directly, outside the module call ZeRO-3 gathers it for.
-        raise ConfigError(f"loss_chunk_tokens = {cfg.loss_chunk_tokens} with zero_stage 3 is not supported: ZeRO-3 "
-                          "gathers lm_head's weight only for its own forward. Use zero_stage 1 or 2, or 0")
+    if info is not None and cfg.zero_stage == 3:
+        # ZeRO-3 gathers a weight only inside its own module's forward: our recompute runs modules again in
+        # the backward, and the chunked loss reads lm_head.weight directly, both outside those gathers.
+        for name, active, why, off in (
+                ("recompute", cfg.recompute != "none", "ZeRO-3's released weights are not gathered again for the "
+                 "recompute", "recompute none"),
+                ("loss_chunk_tokens", cfg.loss_chunk_tokens != 0, "ZeRO-3 gathers lm_head's weight only for its "
+                 "own forward", "0")):
+            if active:
+                raise ConfigError(f"{name} = {getattr(cfg, name)!r} with zero_stage 3 is not supported: {why}. "
+                                  f"Use zero_stage 1 or 2, or {off}")
     is_main = info is None or info.is_main
-    world = 1 if info is None else info.world_size
     out = Path(on_main(info, lambda: cfg.out_dir or default_out_dir(cfg)))
     cfg.out_dir = str(out)
     # The layout goes into each checkpoint's manifest (with world_size) for the record; checkpoints are
@@ -287,6 +290,8 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     is_main = info is None or info.is_main
     world = 1 if info is None else info.world_size
     rank = 0 if info is None else info.rank
+    # The ranks of one pipeline read the same micro-batches: the data is split over data-parallel ranks.
+    dp_rank, dp_size = (0, 1) if info is None else (info.dp_rank, info.dp_size)
     try:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init = None
@@ -327,9 +332,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
         stepper, optimizer, ds_config = build_stepper(cfg, model, optimizer, info, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-        # Each data-parallel shard once: the ranks of one pipeline read the same micro-batches.
-        batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=rank % (world // cfg.pp_size),
-                               world_size=world // cfg.pp_size)
+        batches = TrainBatches(data.train, cfg.micro_batch_size, seed=cfg.seed, rank=dp_rank, world_size=dp_size)
         if decision["ckpt"] is not None:
             ckpt = Path(decision["ckpt"])
             # The plain state is per rank. A rank the saved layout did not have takes the state of saved
@@ -358,7 +361,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
 
             write_deepspeed_config(ds_config, out)
     val_batches = ValBatches(data.val, cfg.micro_batch_size, cfg.eval_batches)
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * (world // cfg.pp_size)
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len * dp_size
     peak = gpu_peak_flops(device)
     step_flops = flops_per_token(model_cfg, counts["active"], cfg.seq_len) * tokens_per_step
     if is_main:

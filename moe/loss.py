@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the position has no target (prompt tokens, padding); torch's default
+IGNORE_INDEX = -100  # a target of this value adds nothing to the loss (prompt tokens, padding); torch's default
 
 
 def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
@@ -37,9 +37,15 @@ def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
         x_ND, weight_VD = x_ND.to(dtype), weight_VD.to(dtype)  # differentiable casts, as autocast's own
     if chunk_tokens == 0:
         with torch.autocast(device_type, enabled=False):
-            return F.cross_entropy(F.linear(x_ND, weight_VD).float(), targets_N, ignore_index=IGNORE_INDEX)
+            return logits_cross_entropy(F.linear(x_ND, weight_VD), targets_N)
     with torch.autocast(device_type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(x_ND, weight_VD, targets_N, chunk_tokens)
+
+
+def logits_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """The plain path's loss from logits already made: [..., V] against [...], in fp32."""
+    V = logits_NV.shape[-1]
+    return F.cross_entropy(logits_NV.float().reshape(-1, V), targets_N.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -18,18 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe.attention import MLA
 from moe.cache import LatentCache, LayerCache
 from moe.config import ModelConfig
 from moe.layers import MLP, RMSNorm, rope_cos_sin
-from moe.loss import IGNORE_INDEX, linear_cross_entropy
+from moe.loss import IGNORE_INDEX, linear_cross_entropy, logits_cross_entropy
 from moe.moe import MoE, RoutedExperts
 from moe.router import Router
-
-# A target of this value adds nothing to the loss (F.cross_entropy's default ignore_index).
 
 
 @dataclass
@@ -143,7 +140,7 @@ class Transformer(nn.Module):
             self._check_targets(targets_BT, input_ids_BT)
         with self._capture_routing(return_routing) as routing:
             x_BTD = self.hidden_states(input_ids_BT, document_ids_BT)
-        (B, T), V = input_ids_BT.shape, self.cfg.vocab_size
+        B, T = input_ids_BT.shape
         h_BTD = self.norm(x_BTD)
         if targets_BT is None:
             return ModelOutput(self.lm_head(h_BTD), routing=routing.ids(B, T))
@@ -153,9 +150,7 @@ class Transformer(nn.Module):
                                            self.loss_chunk_tokens)
         else:
             logits_BTV = self.lm_head(h_BTD)
-            lm_loss = F.cross_entropy(
-                logits_BTV.float().view(B * T, V), targets_BT.reshape(B * T), ignore_index=IGNORE_INDEX
-            )
+            lm_loss = logits_cross_entropy(logits_BTV, targets_BT)
         # Per row, not per packed document: the balance loss only steers routing, and a row is the
         # unit the router's statistics were specified over (DeepSeek-V3 §2.1.2 "sequence-wise").
         aux = [block.mlp.aux_loss for block in self.layers if isinstance(block.mlp, MoE)]

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from deepspeed.pipe import PipelineModule
@@ -65,7 +64,8 @@ from launch.parallel.engine import StepResult, split_expert_param_groups
 from launch.parallel.zero_muon import ZeroMuon, zero_row_scaler
 from moe.config import ConfigError, ModelConfig
 from moe.layers import rope_cos_sin
-from moe.model import IGNORE_INDEX, Transformer
+from moe.loss import logits_cross_entropy
+from moe.model import Transformer
 from moe.moe import MoE
 from moe.router import Router
 from optim import MuonClip, QKClip
@@ -117,12 +117,6 @@ class PipelineStage(nn.Module):
         if self.lm_head is not None:
             x = self.lm_head(self.norm(x))
         return x
-
-
-def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, as Transformer.forward computes it (fp32 logits)."""
-    V = logits_BTV.shape[-1]
-    return F.cross_entropy(logits_BTV.float().reshape(-1, V), targets_BT.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def stage_bounds(model: Transformer, pp_size: int, blocks_per_stage: list[int] | None = None) -> list[int]:
@@ -231,7 +225,7 @@ def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
               for s in range(pp_size)]
     topology = PipeDataParallelTopology(num_pp=pp_size, num_dp=world // pp_size)
     # One pipeline layer per stage: DeepSpeed's uniform partition then gives stage s exactly stages[s].
-    pipe = StagePipe(stages, topology=topology, loss_fn=lm_loss, partition_method="uniform")
+    pipe = StagePipe(stages, topology=topology, loss_fn=logits_cross_entropy, partition_method="uniform")
     pipe.block_bounds, pipe.model_cfg = bounds, model.cfg
     return pipe
 
