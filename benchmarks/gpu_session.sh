@@ -37,7 +37,7 @@ for s in $steps; do
         # candidate compiles per test shape, so the compiles are spread over processes.
         tests) step kernel_tests python -m pytest -q -p no:cacheprovider \
                    $(python -c "import xdist" 2>/dev/null && echo "-n 8") \
-                   tests/test_kernels_gemm.py tests/test_kernels_ffn.py tests/test_rms_norm.py tests/test_weight_casts.py ;;
+                   tests/test_kernels_gemm.py tests/test_kernels_ffn.py tests/test_kernels_stage_choice.py tests/test_rms_norm.py tests/test_weight_casts.py ;;
         target) step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json" ;;
         optim) step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json" ;;
         grid) step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json" ;;
@@ -54,7 +54,7 @@ for s in $steps; do
         bench) step bench python -m launch.bench --preset k2-2b --steps 5 --warmup 2 --grad-accum 4 \
                    --variant sdpa:attention=sdpa --variant ce:loss_chunk=4096 --variant muon:optimizer=muon \
                    --variant norm_ref:norm=reference --variant casts_micro:weight_casts=micro \
-                   --variant selective:recompute=selective --variant full:recompute=full \
+                   --variant ours_only:expert_stages=triton --variant selective:recompute=selective --variant full:recompute=full \
                    --out "$out/bench-k2-2b-cuda.json" ;;
         *) echo "unknown step '$s' (tests, target, optim, grid, profile, decode, rl, attention, bench)" >&2; exit 2 ;;
     esac

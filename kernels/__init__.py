@@ -4,6 +4,8 @@ On CUDA tensors `expert_ffn` runs our Triton kernels (`kernels.triton_ffn`); eve
 path of `kernels.cpu_ffn`. The choice is made here and nowhere else. `KIMI_EXPERT_FFN=reference`
 forces the PyTorch reference on every device (to bisect a numerical difference without editing
 code), and `KIMI_KERNEL_TMA=0` keeps the Triton kernels but drops their TMA candidates (`kernels.tiles`).
+Inside the Triton FFN each GEMM stage may run torch._grouped_mm instead, where that times faster
+(`kernels.stage_choice`, `KIMI_EXPERT_STAGES`).
 
 `rms_norm` runs our Triton RMSNorm (`kernels.rms_norm_triton`) on CUDA and its PyTorch reference elsewhere;
 `KIMI_RMSNORM=reference` forces the reference on CUDA too.

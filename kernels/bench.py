@@ -2,7 +2,9 @@
 
 A script, not a test: prints a table and writes JSON. For each shape x routing x mode (forward,
 forward+backward) it times three implementations of the same maths on bf16 CUDA tensors:
-  triton      our kernels (`kernels.triton_ffn`)
+  triton      our kernels (`kernels.triton_ffn`), every stage on our kernel
+  auto        the same with each stage on our kernel or torch._grouped_mm, whichever timed faster
+              (`kernels.stage_choice`, the default on a GPU); its picks go to the JSON
   loop        the per-expert PyTorch loop (`kernels.reference`)
   grouped_mm  permute + two `torch._grouped_mm` + index_add combine (torchtitan's path), where
               the GPU has it (sm90+)
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F_
 import triton
 
+from kernels import stage_choice
 from kernels.combine import combine
 from kernels.grouped_gemm import _kernel_tuned as gemm_tuned
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
@@ -60,6 +63,14 @@ def grouped_mm_ffn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF):
     out_AD = torch._grouped_mm(F_.silu(g) * u, down_EDF.transpose(-2, -1), offs=offs_E)
     w_A = topk_weights_TK.reshape(-1)[order_A]
     return torch.zeros_like(x_TD).index_add_(0, token_A, out_AD * w_A[:, None])
+
+
+def forced_stages(mode: str):
+    """expert_ffn_triton with every stage's choice set to `mode` (kernels.stage_choice)."""
+    def ffn(*args):
+        with stage_choice.forced(mode):
+            return expert_ffn_triton(*args)
+    return ffn
 
 
 def cuda_time_ms(fn, budget_s=0.6, max_reps=20) -> float:
@@ -209,7 +220,12 @@ def run(shapes, impls, save):
                     for other in impls:
                         if other != "triton" and "ms" in row[other]:
                             row[f"speedup_vs_{other}"] = round(row[other]["ms"] / ours, 2)
+                if "ms" in row.get("auto", {}):
+                    row["auto"]["vs_dense"] = round(row["auto"]["tflops"] / dense, 3)
+                    if "ms" in row.get("grouped_mm", {}):
+                        row["auto_speedup_vs_grouped_mm"] = round(row["grouped_mm"]["ms"] / row["auto"]["ms"], 2)
                 if mode == "fwd+bwd":
+                    row["stage_choices"] = stage_choice.choices()
                     row["triton_stages_ms"] = {k: round(v, 4) for k, v in split.items()}
                     row["autotune_candidates_ms"] = candidates
                 rows.append(row)
@@ -227,7 +243,8 @@ def _fmt(row):
     ratios = " ".join(f"{k[11:]}x{v}" for k, v in row.items() if k.startswith("speedup_vs_"))
     vs = row["triton"].get("vs_dense", float("nan"))
     return (f"{row['shape']:10s} T={row['T']:6d} {row['routing']:8s} {row['mode']:7s} | triton {cell('triton')} "
-            f"({vs:.0%} of dense {row['dense_tflops']}) | loop {cell('loop')} | grouped_mm {cell('grouped_mm')} | {ratios}")
+            f"({vs:.0%} of dense {row['dense_tflops']}) | auto {cell('auto')} | loop {cell('loop')} | "
+            f"grouped_mm {cell('grouped_mm')} | {ratios}")
 
 
 def main():
@@ -237,7 +254,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU (the CPU path is the reference; nothing to time)")
-    impls = {"triton": expert_ffn_triton, "loop": expert_ffn_reference}
+    impls = {"triton": forced_stages("triton"), "auto": forced_stages("auto"), "loop": expert_ffn_reference}
     cap = torch.cuda.get_device_capability()
     if hasattr(torch, "_grouped_mm") and cap >= (9, 0):
         impls["grouped_mm"] = grouped_mm_ffn

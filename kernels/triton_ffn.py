@@ -8,10 +8,15 @@ Forward:  routing -> gate_up_swiglu (gathers x) -> scatter_gemm down (gate-weigh
 Backward: swiglu_backward (gathers dy; gives dh, dL/dw and w*act) -> scatter_gemm dX -> combine,
           and the two grouped weight-gradient kernels.
 Saved for backward: x, the weights and h = [g | u] [A, 2F]; act is recomputed from h in backward.
+
+Each of the six GEMM stages runs through `kernels.stage_choice`, which may run torch._grouped_mm
+(`kernels.grouped_mm_stages`) in its place where that measured faster on this shape.
 """
 
 import torch
 
+from kernels import grouped_mm_stages as gmm
+from kernels import stage_choice
 from kernels.combine import combine
 from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
 from kernels.reference import check_operands
@@ -26,11 +31,16 @@ class _ExpertFFN(torch.autograd.Function):
         T, D = x_TD.shape
         K = r.top_k
         w_A = topk_weights_TK.reshape(-1)
-        act_AF, h_AF2 = gate_up_swiglu(x_TD, gate_up_EFD, r, store_h=training)
-        # K = 1 (the expert-parallel call): row a is token t, so the GEMM writes y directly.
-        out_AD = x_TD.new_empty(T * K, D)
-        s = down_EDF.stride()
-        scatter_gemm(act_AF, down_EDF, s, out_AD, r, gate_w_A=w_A)
+        key, ok = _stage_key(x_TD, gate_up_EFD, down_EDF, r)
+        act_AF, h_AF2 = stage_choice.run(
+            "gate_up", key, lambda: gate_up_swiglu(x_TD, gate_up_EFD, r, store_h=training),
+            lambda: gmm.gate_up_swiglu(x_TD, gate_up_EFD, r, store_h=training), ok)
+
+        def down_triton():
+            # K = 1 (the expert-parallel call): row a is token t, so the GEMM writes y directly.
+            return scatter_gemm(act_AF, down_EDF, down_EDF.stride(), x_TD.new_empty(T * K, D), r, gate_w_A=w_A)
+
+        out_AD = stage_choice.run("down", key, down_triton, lambda: gmm.down_forward(act_AF, down_EDF, w_A, r), ok)
         y_TD = out_AD if K == 1 else combine(out_AD, K)
         if training:
             ctx.save_for_backward(x_TD, w_A, gate_up_EFD, down_EDF, h_AF2)
@@ -45,21 +55,41 @@ class _ExpertFFN(torch.autograd.Function):
         need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
         dx = dw = dgu = ddown = None
-        dh_AF2, dw_sorted_A, act_w_AF = swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r)
+        key, ok = _stage_key(x_TD, gate_up_EFD, down_EDF, r)
+        dh_AF2, dw_sorted_A, act_w_AF = stage_choice.run(
+            "swiglu_backward", key, lambda: swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r),
+            lambda: gmm.swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r), ok)
         if need_x:
             T, D = x_TD.shape
-            dx_AD = dy_TD.new_empty(T * r.top_k, D)
-            s = gate_up_EFD.stride()
-            scatter_gemm(dh_AF2, gate_up_EFD, (s[0], s[2], s[1]), dx_AD, r)  # W_e^T: [N=D, K=2F]
+
+            def dx_triton():
+                s = gate_up_EFD.stride()  # W_e^T: [N=D, K=2F]
+                return scatter_gemm(dh_AF2, gate_up_EFD, (s[0], s[2], s[1]), dy_TD.new_empty(T * r.top_k, D), r)
+
+            dx_AD = stage_choice.run("dx", key, dx_triton, lambda: gmm.input_grad(dh_AF2, gate_up_EFD, r), ok)
             dx = dx_AD if r.top_k == 1 else combine(dx_AD, r.top_k)
         if need_w:
             dw = torch.empty_like(w_A).index_copy_(0, r.order_A.long(), dw_sorted_A.to(w_A.dtype))
             dw = dw.view(ctx.weights_shape)
         if need_gu:
-            dgu = expert_wgrad(dh_AF2, x_TD, r, l_gather=False, r_gather=True, out_dtype=gate_up_EFD.dtype)
+            dgu = stage_choice.run(
+                "wgrad_gate_up", key,
+                lambda: expert_wgrad(dh_AF2, x_TD, r, l_gather=False, r_gather=True, out_dtype=gate_up_EFD.dtype),
+                lambda: gmm.wgrad_gate_up(dh_AF2, x_TD, r, gate_up_EFD.dtype), ok)
         if need_down:
-            ddown = expert_wgrad(dy_TD, act_w_AF, r, l_gather=True, r_gather=False, out_dtype=down_EDF.dtype)
+            ddown = stage_choice.run(
+                "wgrad_down", key,
+                lambda: expert_wgrad(dy_TD, act_w_AF, r, l_gather=True, r_gather=False, out_dtype=down_EDF.dtype),
+                lambda: gmm.wgrad_down(dy_TD, act_w_AF, r, down_EDF.dtype), ok)
         return dx, dw, dgu, ddown, None, None
+
+
+def _stage_key(x_TD, gate_up_EFD, down_EDF, r: Routing) -> tuple[tuple, bool]:
+    """The stage choice's key for this problem, and whether torch._grouped_mm can run its stages."""
+    E, F2, D = gate_up_EFD.shape
+    A = r.order_A.numel()
+    key = (str(x_TD.device), str(x_TD.dtype).removeprefix("torch."), E, D, F2 // 2, stage_choice.rows_bucket(A))
+    return key, A > 0 and gmm.available(x_TD, gate_up_EFD, down_EDF)
 
 
 def expert_ffn_triton(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:

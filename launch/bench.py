@@ -12,9 +12,10 @@ alone, in the same process, on the same tokens:
 Switches: attention (flash | sdpa), expert_ffn (kernel | reference), loss_chunk (tokens, 0 = whole
 logits), recompute (none | selective | full), optimizer (a registry name), compile (0 | 1),
 weight_casts (step: bf16 weight copies made once per optimizer step | micro: once per micro-batch),
-norm (kernel: the Triton RMSNorm on CUDA | reference).
+norm (kernel: the Triton RMSNorm on CUDA | reference), expert_stages (auto: each expert-FFN stage on our
+kernel or torch._grouped_mm, whichever times faster | triton | grouped_mm; kernels/stage_choice.py).
 The default variant, always run first, is attention=flash, expert_ffn=kernel, loss_chunk=0,
-recompute=none, optimizer=muonclip, compile=0, weight_casts=step, norm=kernel (on CPU "flash" and "kernel" mean SDPA and the CPU
+recompute=none, optimizer=muonclip, compile=0, weight_casts=step, norm=kernel, expert_stages=auto (on CPU "flash" and "kernel" mean SDPA and the CPU
 grouped-GEMM path: kernels/__init__.py chooses by device).
 """
 
@@ -43,9 +44,11 @@ from moe.model import Transformer
 from moe.params import count_parameters
 
 DEFAULTS = {"attention": "flash", "expert_ffn": "kernel", "loss_chunk": 0, "recompute": "none",
-            "optimizer": "muonclip", "compile": 0, "weight_casts": "step", "norm": "kernel"}
+            "optimizer": "muonclip", "compile": 0, "weight_casts": "step", "norm": "kernel",
+            "expert_stages": "auto"}
 _CHOICES = {"attention": ("flash", "sdpa"), "expert_ffn": ("kernel", "reference"), "recompute": RECOMPUTE_MODES,
-            "compile": (0, 1), "weight_casts": ("step", "micro"), "norm": ("kernel", "reference")}
+            "compile": (0, 1), "weight_casts": ("step", "micro"), "norm": ("kernel", "reference"),
+            "expert_stages": ("auto", "triton", "grouped_mm")}
 
 # Stage of a profiler row, by the first pattern its lower-cased name contains (first match wins).
 STAGES = [
@@ -95,7 +98,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
 @contextmanager
 def kernel_choice(switches: dict):
     """The kernels' environment switches (kernels/__init__.py reads them at each call) for one variant."""
-    saved = {k: os.environ.get(k) for k in ("KIMI_ATTENTION", "KIMI_EXPERT_FFN", "KIMI_RMSNORM")}
+    saved = {k: os.environ.get(k) for k in ("KIMI_ATTENTION", "KIMI_EXPERT_FFN", "KIMI_RMSNORM", "KIMI_EXPERT_STAGES")}
+    os.environ["KIMI_EXPERT_STAGES"] = switches["expert_stages"]
     os.environ["KIMI_ATTENTION"] = switches["attention"]
     os.environ["KIMI_RMSNORM"] = "reference" if switches["norm"] == "reference" else "kernel"
     os.environ["KIMI_EXPERT_FFN"] = "reference" if switches["expert_ffn"] == "reference" else "triton"

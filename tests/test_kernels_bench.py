@@ -21,3 +21,11 @@ def test_autotune_timings_reads_the_tuner_that_ran(monkeypatch):
 
     assert bench.autotune_timings(call) == {"BN: 256": 2.0, "BN: 128": 2.5, "BN: 512": None}
     assert bench.autotune_timings(lambda: None) == {}  # a cached key: nothing was timed
+
+
+def test_forced_stages_sets_the_choice_for_the_call_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "expert_ffn_triton", lambda *a: seen.append(bench.stage_choice.modes()["dx"]))
+    bench.forced_stages("grouped_mm")(1, 2)
+    bench.forced_stages("triton")(1, 2)
+    assert seen == ["grouped_mm", "triton"] and bench.stage_choice.modes()["dx"] == "triton"  # interpreter default
