@@ -2,10 +2,10 @@
 
 A script, not a test: prints a table and writes JSON. For each shape x routing x mode (forward,
 forward+backward) it times three implementations of the same maths on bf16 CUDA tensors:
-  triton      our kernels (`kernels.triton_ffn`), every stage on our kernel
+  triton      our kernels (`kernels.experts.triton_ffn`), every stage on our kernel
   auto        the same with each stage on our kernel or torch._grouped_mm, whichever timed faster
-              (`kernels.stage_choice`, the default on a GPU); its picks go to the JSON
-  loop        the per-expert PyTorch loop (`kernels.reference`)
+              (`kernels.experts.stage_choice`, the default on a GPU); its picks go to the JSON
+  loop        the per-expert PyTorch loop (`kernels.experts.reference`)
   grouped_mm  permute + two `torch._grouped_mm` + index_add combine (torchtitan's path), where
               the GPU has it (sm90+)
 and reports TFLOP/s, the ratio to a dense bf16 torch.matmul at its own TFLOP/s (the physical-limit
@@ -23,17 +23,17 @@ import torch
 import torch.nn.functional as F_
 import triton
 
-from kernels import stage_choice
-from kernels.combine import combine
-from kernels.grouped_gemm import _kernel_tuned as gemm_tuned
-from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
-from kernels.reference import expert_ffn_reference
-from kernels.routing import build_routing
+from kernels.experts import stage_choice
+from kernels.experts.combine import combine
+from kernels.experts.grouped_gemm import _kernel_tuned as gemm_tuned
+from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
+from kernels.experts.reference import expert_ffn_reference
+from kernels.experts.routing import build_routing
 from kernels.testing import ROUTINGS
 from kernels.tiles import block_m
-from kernels.triton_ffn import expert_ffn_triton
-from kernels.wgrad import _kernel_tuned as wgrad_tuned
-from kernels.wgrad import expert_wgrad
+from kernels.experts.triton_ffn import expert_ffn_triton
+from kernels.experts.wgrad import _kernel_tuned as wgrad_tuned
+from kernels.experts.wgrad import expert_wgrad
 
 # (name, T, K, E, D, F, routings)
 SHAPES = [
@@ -66,7 +66,7 @@ def grouped_mm_ffn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF):
 
 
 def forced_stages(mode: str):
-    """expert_ffn_triton with every stage's choice set to `mode` (kernels.stage_choice)."""
+    """expert_ffn_triton with every stage's choice set to `mode` (kernels.experts.stage_choice)."""
     def ffn(*args):
         with stage_choice.forced(mode):
             return expert_ffn_triton(*args)

@@ -14,8 +14,9 @@ compiler's own output:
             load in the same loop, as in the weight-gradient kernel's gathered rows)
   tma       tile copies issued through TMA (tensor descriptors) rather than per-thread pointers
 
-It does the same for the RMSNorm kernels (`kernels.rms_norm_triton`; the JSON's "norm") and for the causal flash attention (`kernels.flash_attention`: forward, dQ, dK/dV) at
-K2's MLA head dims; those rows go to the JSON's "attention" list, beside the FFN's "results".
+It does the same for the RMSNorm kernels (`kernels.norm.rms_norm_triton`; the JSON's "norm") and for
+the causal flash attention (`kernels.attention.flash_attention`: forward, dQ, dK/dV) at K2's MLA head
+dims; those rows go to the JSON's "attention" list, beside the FFN's "results".
 
 No GPU is needed: Triton ships ptxas and cuobjdump. So a kernel author on a laptop can see a spill
 or a shallow pipeline before a device is lent, and a GPU session can spend its time on timings.
@@ -36,13 +37,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import combine as combine_mod
-from kernels import grouped_gemm
-from kernels import flash_attention as attention_mod
-from kernels import rms_norm_triton as norm_mod
+from kernels.experts import combine as combine_mod
+from kernels.experts import grouped_gemm
+from kernels.attention import flash_attention as attention_mod
+from kernels.norm import rms_norm_triton as norm_mod
 from kernels.bench import _tuners as bench_tuners
 from kernels.tiles import interpreting
-from kernels.triton_ffn import expert_ffn_triton
+from kernels.experts.triton_ffn import expert_ffn_triton
 
 TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kernels.bench's QUICK shape
 # MLA at K2's head dims (Q = N + R = 128 + 64, V = 128), 16 heads: one of benchmarks/attention_bench.py's shapes.

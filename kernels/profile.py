@@ -16,7 +16,7 @@ import torch
 
 from kernels.bench import make_inputs
 from kernels.compile_report import TARGET_SHAPE
-from kernels.triton_ffn import expert_ffn_triton
+from kernels.experts.triton_ffn import expert_ffn_triton
 
 
 def forward_backward(x, ids, w, gate_up, down, dy):

@@ -22,10 +22,10 @@ def use_interpreter_without_cuda() -> None:
 
 def check_kernels_interpreted() -> None:
     """Fail loudly if the kernels were compiled for a GPU we do not have (imported too early)."""
-    from kernels.grouped_gemm import _expert_gemm
+    from kernels.experts.grouped_gemm import _expert_gemm
 
     if DEVICE == "cpu" and type(_expert_gemm).__name__ != "InterpretedFunction":
-        raise RuntimeError("kernels.grouped_gemm was imported before TRITON_INTERPRET=1 was set; "
+        raise RuntimeError("kernels.experts.grouped_gemm was imported before TRITON_INTERPRET=1 was set; "
                            "call kernels.testing.use_interpreter_without_cuda() first")
 
 

@@ -13,7 +13,7 @@ Switches: attention (flash | sdpa), expert_ffn (kernel | reference), loss_chunk 
 logits), recompute (none | selective | full), optimizer (a registry name), compile (0 | 1),
 weight_casts (step: bf16 weight copies made once per optimizer step | micro: once per micro-batch),
 norm (kernel: the Triton RMSNorm on CUDA | reference), expert_stages (auto: each expert-FFN stage on our
-kernel or torch._grouped_mm, whichever times faster | triton | grouped_mm; kernels/stage_choice.py).
+kernel or torch._grouped_mm, whichever times faster | triton | grouped_mm; kernels/experts/stage_choice.py).
 The default variant, always run first, is attention=flash, expert_ffn=kernel, loss_chunk=0,
 recompute=none, optimizer=muonclip, compile=0, weight_casts=step, norm=kernel, expert_stages=auto (on CPU "flash" and "kernel" mean SDPA and the CPU
 grouped-GEMM path: kernels/__init__.py chooses by device).

@@ -39,7 +39,8 @@ import torch
 from tokenizers import pre_tokenizers
 
 from launch.checkpoint import store as checkpoint
-from launch.config.training import ConfigArgumentParser, _section_flags
+from launch.config.flags import ConfigArgumentParser
+from launch.config.training import _section_flags
 from launch.data.build import DataConfig, ValBatches, build_data
 from launch.checkpoint.pretrained import load_pretrained
 from launch.train import evaluate, pick_device, run_cli

@@ -4,9 +4,11 @@ Pure arithmetic on the ModelConfig and the layout: nothing is built, nothing is 
 memory term is bytes on one GPU of the fullest pipeline stage; every volume is bytes one GPU sends
 per optimizer step; times are seconds. Terms are grouped by when they are alive (`stage_memory`):
 always, while micro-batches run, or inside the optimizer step; the peak is the first plus the
-larger of the other two. The saved-for-backward accounting is launch/planning/activations.py's, op by
-op as this stack's code saves it; traffic and time are launch/planning/step_time.py's. tests/test_plan.py checks every term against real CPU runs
-(benchmarks/plan_validation.py prints the comparison); no GPU run has checked the bf16 paths yet.
+larger of the other two. The parts live in launch/planning/: parameter counts (params.py), the
+memory terms (memory.py), the saved-for-backward bytes, op by op as this stack's code saves them
+(activations.py), traffic and time (step_time.py). tests/test_plan.py checks every term against
+real CPU runs (benchmarks/plan_validation.py prints the comparison); no GPU run has checked the bf16
+paths yet.
 
 Layout (Kimi K2 tech report §2.4.1: PP with virtual stages, EP, ZeRO-1 DP): the world is pp x dp;
 inside one pipeline stage the dp ranks each see different tokens, and every run of `ep` consecutive
@@ -40,7 +42,8 @@ import re
 import sys
 from dataclasses import dataclass, fields
 
-from launch.planning.activations import in_flight, layer_bytes, micro_batch_activations
+from launch.planning.memory import dtype_bytes, peak_bytes, stage_memory
+from launch.planning.params import chunk_layers, param_totals, stage_params
 from launch.planning.step_time import FABRICS, GPUS, step_estimate
 from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from moe.config import PRESETS, ConfigError, ModelConfig, check_field_types, doc_field, preset
@@ -82,7 +85,7 @@ class Layout:
     recompute: str = doc_field("none", "activation recompute: none | selective (norms, SwiGLU, MLA up-projections) "
                                        "| full (only each block's input is kept)")
     kernels: str = doc_field("gpu", "whose saved tensors are counted: gpu (Triton expert FFN, fused SDPA) | "
-                                    "cpu (kernels/cpu_ffn.py or the reference, SDPA's math path with T x T scores)")
+                                    "cpu (kernels/experts/cpu_ffn.py or the reference, SDPA's math path with T x T scores)")
     gpu: str = doc_field("h800", "GPU preset: " + ", ".join(GPUS))
     fabric: str = doc_field("8x400g", "inter-node network preset (per 8-GPU node): " + ", ".join(FABRICS))
     bucket_elems: float = doc_field(5e8, "DeepSpeed's reduce/all-gather bucket, elements (its default 5e8)")
@@ -171,195 +174,7 @@ def _divisors(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parameters: counted from the config the way moe/ builds them (tests/test_plan.py checks against a
-# real model). Split by who shards them and which optimizer rule applies (optim.muon.split_params:
-# embeddings, head and 1-D parameters get AdamW; every other matrix Muon).
-
-def layer_params(cfg: ModelConfig, layer: int) -> dict:
-    """Parameter counts of block `layer`: matrices (Muon's), vectors (norms, AdamW's), experts (EP-split)."""
-    D, H = cfg.hidden_size, cfg.num_heads
-    q = D * H * cfg.qk_head_dim if cfg.q_lora_rank is None else \
-        D * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
-    attn = q + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) \
-        + H * cfg.v_head_dim * D
-    vectors = 2 * D + cfg.kv_lora_rank + (cfg.q_lora_rank or 0)  # two block norms, MLA's latent norms
-    if not cfg.is_moe_layer(layer):
-        return {"matrices": attn + 3 * D * cfg.intermediate_size, "vectors": vectors, "experts": 0}
-    shared = 3 * D * cfg.moe_intermediate_size * cfg.num_shared_experts
-    router = cfg.num_experts * D
-    return {"matrices": attn + shared + router, "vectors": vectors,
-            "experts": cfg.num_experts * 3 * D * cfg.moe_intermediate_size}
-
-
-def chunk_layers(num_layers: int, pp: int, vpp: int) -> list[list[int]]:
-    """Blocks of each pipeline rank: model chunk c of pp*vpp (contiguous, as even as can be) goes to
-    rank c % pp, so rank s holds chunks s, s + pp, ... (Megatron's interleaved placement)."""
-    chunks = pp * vpp
-    bounds = [c * num_layers // chunks for c in range(chunks + 1)]
-    return [[layer for c in range(s, chunks, pp) for layer in range(bounds[c], bounds[c + 1])] for s in range(pp)]
-
-
-def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, ep: int) -> dict:
-    """Counts one rank of a stage holds: dense matrices and vectors (replicated over dp), its E/ep of the
-    routed experts (replicated over dp/ep), embedding (first stage) and head and final norm (last)."""
-    out = {"matrices": 0, "vectors": 0, "experts": 0, "embedding": 0}
-    for layer in layers:
-        for key, n in layer_params(cfg, layer).items():
-            out[key] += n
-    out["experts"] //= ep
-    V, D = cfg.vocab_size, cfg.hidden_size
-    tied_on_last = cfg.tie_embeddings and first
-    out["embedding"] = V * D * (first + (last and not tied_on_last))
-    out["vectors"] += D * last
-    return out
-
-
-def buffer_bytes(cfg: ModelConfig, layers: list[int]) -> int:
-    """fp32 buffers: each router's balance bias and load counts [E] twice, each MLA's max logits [H]."""
-    moe_layers = sum(cfg.is_moe_layer(layer) for layer in layers)
-    return 4 * (2 * cfg.num_experts * moe_layers + cfg.num_heads * len(layers))
-
-
-# ---------------------------------------------------------------------------------------------------
 # The plan: memory per GPU (each stage, the fullest reported), traffic and time per step.
-
-def _dtypes(lay: Layout) -> tuple[int, int, int]:
-    """(weight, gradient, activation) bytes per element."""
-    w = 2 if lay.precision == "bf16" else 4
-    g = {"auto": w, "fp32": 4, "bf16": 2}[lay.grad_dtype]
-    return w, g, 4 if lay.precision == "fp32" else 2
-
-
-def stage_memory(cfg: ModelConfig, lay: Layout, stage: int, layers: list[int]) -> dict:
-    """Named memory terms, bytes on one GPU of `stage`, by when they are alive: persistent ones always,
-    backward ones while micro-batches run, step ones inside the optimizer step (the activations are
-    gone by then). Sharding divides by the replicas of a weight: dp for dense ones, dp/ep for experts.
-    One process (gpus = 1) runs without DeepSpeed: no ZeRO."""
-    w, g, a = _dtypes(lay)
-    first, last = stage == 0, stage == lay.pp - 1
-    n = stage_params(cfg, layers, first, last, lay.ep)
-    dense = n["matrices"] + n["vectors"] + n["embedding"]
-    adamw_n = n["vectors"] + n["embedding"] + (n["matrices"] + n["experts"] if lay.optimizer == "adamw" else 0)
-    muon_n = dense + n["experts"] - adamw_n
-    distributed = lay.gpus > 1
-    zero = lay.zero if distributed else 0
-    edp = lay.dp // lay.ep
-
-    def sharded(dense_part: float, expert_part: float, from_stage: int) -> float:
-        if zero < from_stage:
-            return dense_part + expert_part
-        return dense_part / lay.dp + expert_part / edp
-
-    mb = micro_batch_activations(cfg, layers, first, last, a, lay, bf16_weights=w == 2)
-    tokens = lay.seq_len * lay.micro_batch
-    owned = sharded(dense, n["experts"], 1)  # elements of this rank's ZeRO partition (all, without ZeRO)
-    group_max = max(_group_partitions(cfg, layers, n, lay, edp)) if zero else 0.0
-    persistent = {
-        # The working weights the forward reads (ZeRO-3: this rank's shard; gathering one block at a
-        # time is in "comm_buffers").
-        "weights": w * sharded(dense, n["experts"], 3),
-        # fp32 master copies: of bf16 weights (optim.Muon's state, DeepSpeed's partitions), and under
-        # DeepSpeed's ZeRO in any precision (its fp32 partition is a copy even of fp32 weights).
-        "fp32_masters": 4 * owned if w == 2 or zero else 0.0,
-        # Muon: one fp32 momentum per matrix element; AdamW: two moments (optim/muon.py, torch.optim.AdamW).
-        "optimizer_state": 4 * _optimizer_elements(muon_n, adamw_n, n, lay, zero, edp),
-        "buffers": float(buffer_bytes(cfg, layers)),
-    }
-    backward = {
-        # Gradients in their accumulation dtype while micro-batches run; ZeRO-2 reduces each bucket
-        # into the owner's partition as it fills, ZeRO-0/1 keep them whole until the last micro-batch.
-        "gradients": g * sharded(dense, n["experts"], 2),
-        # Saved for backward, per micro-batch times the micro-batches in flight at the stage's peak.
-        "activations": mb * in_flight(lay.pp, lay.vpp, lay.microbatches, stage),
-        # full recompute rebuilds one block's saved tensors at a time during backward.
-        "recompute_working_set": tokens * max(layer_bytes(cfg, layer, a, dataclasses.replace(lay, recompute="none"))
-                                              for layer in layers) if lay.recompute == "full" else 0.0,
-        # The head's [b, T, V] output held by the caller and its fp32 gradient (last stage only).
-        "logits": tokens * cfg.vocab_size * (a + 4) if last else 0.0,
-        "comm_buffers": _comm_buffers(cfg, lay, layers, n, w, g, a),
-    }
-    step = {
-        # Under ZeRO only the rank's reduced partition survives into the step (measured: DeepSpeed
-        # frees each .grad once reduced).
-        "step_gradients": g * owned,
-        # DeepSpeed steps one optimizer group at a time, first flattening that group's gradient
-        # partition into an fp32 copy: the largest group's counts.
-        "fp32_grad_partition": 4 * group_max if zero else 0.0,
-        "step_temporaries": _step_temporaries(cfg, layers, lay, zero, group_max, first or last),
-    }
-    return {"persistent": persistent, "backward": backward, "step": step}
-
-
-def _group_partitions(cfg: ModelConfig, layers: list[int], n: dict, lay: Layout, edp: int) -> list[float]:
-    """Elements of this rank's ZeRO partition of each optimizer group, as DeepSpeed partitions them.
-    optim.build's groups: Muon for the matrices, a second Muon group for the routed experts' fused
-    gate_up (row_blocks 2, optim/muon.py), AdamW for embeddings, head and vectors; AdamW alone: one
-    group. Under EP, DeepSpeed splits every group into its expert part (over the dp/ep replicas of an
-    expert) and the rest (over dp)."""
-    moe_layers = sum(cfg.is_moe_layer(layer) for layer in layers)
-    gate_up = cfg.num_experts // lay.ep * 2 * cfg.moe_intermediate_size * cfg.hidden_size * moe_layers
-    adamw = n["vectors"] + n["embedding"]
-    if lay.optimizer == "adamw":
-        groups = [(n["matrices"] + adamw, n["experts"])]
-    else:
-        groups = [(n["matrices"], n["experts"] - gate_up), (0, gate_up), (adamw, 0)]
-    if lay.ep > 1:
-        groups = [(d, 0) for d, _ in groups] + [(0, e) for _, e in groups]
-    return [d / lay.dp + e / edp for d, e in groups]
-
-
-def _step_temporaries(cfg: ModelConfig, layers: list[int], lay: Layout, zero: int, group_max: float,
-                      has_vocab: bool) -> float:
-    """Bytes the optimizer step allocates and frees. Under ZeRO, ZeroMuon's gathered gradient range and
-    its update buffer, one group's partition each (AdamW: update and denominator); then, for the largest
-    parameter, Newton-Schulz's temporaries: measured 4 copies of it and 2 of half its size (small, ZeRO-1
-    and ZeRO-2 with EP, tests/dist/plan_memory_check.py). Without ZeRO, the update direction and
-    Newton-Schulz's (or Adam's) temporaries, ~3 copies of the largest parameter (one process, measured)."""
-    if not zero:
-        return 3 * 4 * _largest_parameter(cfg, layers, has_vocab, lay.ep)
-    if lay.optimizer == "adamw":
-        return 2 * 4 * group_max + 3 * 4 * _largest_parameter(cfg, layers, has_vocab, lay.ep)
-    return 2 * 4 * group_max + 5 * 4 * _largest_parameter(cfg, layers, False, lay.ep)
-
-
-def _largest_parameter(cfg: ModelConfig, layers: list[int], has_vocab: bool, ep: int) -> int:
-    """Elements of the largest single parameter tensor on a stage (the optimizer's temporaries scale with it)."""
-    D, H = cfg.hidden_size, cfg.num_heads
-    moe = any(cfg.is_moe_layer(layer) for layer in layers)
-    dense = any(not cfg.is_moe_layer(layer) for layer in layers)
-    return max(cfg.vocab_size * D * has_vocab, 2 * cfg.moe_intermediate_size * D * cfg.num_experts // ep * moe,
-               D * cfg.intermediate_size * dense, cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-               H * cfg.v_head_dim * D, (cfg.q_lora_rank or D) * H * cfg.qk_head_dim)
-
-
-def _optimizer_elements(muon_n: int, adamw_n: int, n: dict, lay: Layout, zero: int, edp: int) -> float:
-    """State elements: Muon's momentum (1 per element), AdamW's exp_avg and exp_avg_sq (2), sharded from ZeRO-1."""
-    if zero == 0:
-        return muon_n + 2 * adamw_n
-    expert_per = 2 if lay.optimizer == "adamw" else 1  # experts are matrices: Muon unless AdamW everywhere
-    expert = expert_per * n["experts"]
-    return (muon_n + 2 * adamw_n - expert) / lay.dp + expert / edp
-
-
-def _comm_buffers(cfg: ModelConfig, lay: Layout, layers: list[int], n: dict, w: int, g: int, a: int) -> float:
-    """Transient buffers of the collectives, largest case each, all counted as live at once:
-    DeepSpeed's gradient reduce bucket (bucket_elems in the gradient dtype, allocated whole however
-    small the model: measured on CPU, tests/dist/plan_memory_check.py); the expert all-to-all's send and
-    receive rows of one layer's backward [b*T*K, D]; pipeline p2p send and receive of one activation and
-    one gradient [b, T, D]; ZeRO-3 gathers one block's weights at a time."""
-    tokens = lay.seq_len * lay.micro_batch
-    D, K = cfg.hidden_size, cfg.num_experts_per_tok
-    total = 0.0
-    if lay.gpus > 1 and lay.zero:
-        total += lay.bucket_elems * g
-    if lay.ep > 1 and any(cfg.is_moe_layer(layer) for layer in layers):
-        total += 2 * tokens * K * D * a
-    if lay.pp > 1:
-        total += 4 * tokens * D * a
-    if lay.zero == 3 and lay.gpus > 1:
-        total += w * max(sum(layer_params(cfg, layer).values()) for layer in layers)
-    return total
-
 
 def plan(lay: Layout) -> dict:
     """Every stage's memory terms, the fullest stage's verdict, per-step traffic, bubble, time and MFU.
@@ -376,11 +191,11 @@ def plan(lay: Layout) -> dict:
     terms = {name: value for phase in phases.values() for name, value in phase.items()}
     result = {
         "layout": dataclasses.asdict(lay) | {"dp": lay.dp, "edp": lay.dp // lay.ep, "microbatches": lay.microbatches},
-        "params": _param_totals(cfg),
+        "params": param_totals(cfg),
         "memory": {"stage": peak, "phases": phases, "terms": terms, "peak_phase": busiest, "total": total,
                    "usable": usable, "hbm": gpu.hbm_bytes, "stage_totals": [peak_bytes(t) for t in stages]},
-        "step": step_estimate(cfg, lay, gpu, _param_totals(cfg)["active"],
-                              stage_params(cfg, list(range(cfg.num_layers)), True, True, lay.ep), *_dtypes(lay)[1:],
+        "step": step_estimate(cfg, lay, gpu, param_totals(cfg)["active"],
+                              stage_params(cfg, list(range(cfg.num_layers)), True, True, lay.ep), *dtype_bytes(lay)[1:],
                               optimizer_bytes=2 * sum(phases["persistent"].values()) + 2 * sum(phases["step"].values())),
         # The fullest stage's saved activations (and full recompute's working set) under each setting.
         "activations_by_recompute": {
@@ -405,13 +220,6 @@ def plan(lay: Layout) -> dict:
     return result
 
 
-def peak_bytes(phases: dict) -> float:
-    """The stage's peak: the persistent terms plus the larger of the backward and the step phase.
-    Gradients count whole beside the activations: with more than one micro-batch per step they are
-    alive while the next micro-batch's activations are (with one, this overstates the peak a little)."""
-    return sum(phases["persistent"].values()) + max(sum(phases["backward"].values()), sum(phases["step"].values()))
-
-
 def _advice(term: str, lay: Layout) -> str:
     """What would shrink `term`, leaving out what the layout already does."""
     more = "more data-parallel replicas (ZeRO shards them over them), --pp or --ep"
@@ -423,14 +231,6 @@ def _advice(term: str, lay: Layout) -> str:
                "optimizer_state": [more], "fp32_masters": [more], "step_temporaries": [more],
                "logits": ["a smaller --micro-batch"] if lay.micro_batch > 1 else ["more --pp"]}.get(term)
     return ": try " + ", or ".join(options) if options else ""
-
-
-def _param_totals(cfg: ModelConfig) -> dict:
-    everything = stage_params(cfg, list(range(cfg.num_layers)), True, True, 1)
-    inactive = sum(layer_params(cfg, l)["experts"] for l in range(cfg.num_layers)) * \
-        (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
-    total = sum(everything.values())
-    return {"total": total, "active": total - inactive}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 from launch.metrics import dashboard
 
 from launch.checkpoint import run_dir
-from launch.config.training import ConfigArgumentParser
+from launch.config.flags import ConfigArgumentParser
 from launch.metrics.log import MetricsError, ema, read_metrics
 from launch.train import run_cli
 from moe.config import ConfigError

@@ -9,7 +9,7 @@ import kernels
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (as DeepSeek-V3 and its HF port do) and cast back
-    (`kernels.rms_norm_reference` is the definition)."""
+    (`kernels.norm.rms_norm_reference` is the definition)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

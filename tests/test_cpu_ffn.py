@@ -1,5 +1,5 @@
-"""The CPU expert FFN (`kernels.cpu_ffn`) forward and backward against two oracles: a per-token loop
-written here, which shares no code with ours, and `kernels.reference`.
+"""The CPU expert FFN (`kernels.experts.cpu_ffn`) forward and backward against two oracles: a per-token loop
+written here, which shares no code with ours, and `kernels.experts.reference`.
 
 Shape legend: T tokens, K experts per token, E experts, D hidden, F expert FFN width.
 Both oracles run in fp64 on the same values; ours runs in the dtype under test.
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import cpu_ffn
-from kernels.cpu_ffn import expert_ffn_cpu, grouped_mm_fits
-from kernels.reference import expert_ffn_reference
+from kernels.experts import cpu_ffn
+from kernels.experts.cpu_ffn import expert_ffn_cpu, grouped_mm_fits
+from kernels.experts.reference import expert_ffn_reference
 from kernels.testing import assert_close_to, make_problem
 
 

@@ -2,7 +2,7 @@
 
 Runs the kernels through the Triton interpreter on CPU, natively on CUDA (bf16 too) when present.
 Shape legend: B batch, H heads, T sequence, Q query/key head dim, V value head dim.
-Interpreter tiles (kernels.flash_attention): forward and dQ own 32 query rows and walk 16 keys at a
+Interpreter tiles (kernels.attention.flash_attention): forward and dQ own 32 query rows and walk 16 keys at a
 time, dK/dV owns 32 keys and walks 16 queries.
 """
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention_reference import attention_reference
+from kernels.attention.attention_reference import attention_reference
 from kernels.testing import DEVICE, assert_close_to, dtype_params, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-import kernels.flash_attention as fa  # noqa: E402  (after the interpreter switch)
+import kernels.attention.flash_attention as fa  # noqa: E402  (after the interpreter switch)
 
 CASES = [
     # (B, H, T, Q, V)
@@ -31,7 +31,7 @@ DTYPES = dtype_params()
 @pytest.fixture(scope="module", autouse=True)
 def _interpreted():
     if DEVICE == "cpu" and type(fa._attn_fwd).__name__ != "InterpretedFunction":
-        raise RuntimeError("kernels.flash_attention was imported before TRITON_INTERPRET=1 was set")
+        raise RuntimeError("kernels.attention.flash_attention was imported before TRITON_INTERPRET=1 was set")
 
 
 def _inputs(B, H, T, Q, V, dtype, spread=1.0, seed=0):

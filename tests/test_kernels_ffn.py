@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import expert_ffn_reference
+from kernels.experts.reference import expert_ffn_reference
 from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
                              use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
-import kernels.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
+import kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
 
 CASES = [
     # (T, K, E, D, F, routing)

@@ -16,10 +16,10 @@ from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted,
                              use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
-from kernels.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
-from kernels.routing import build_routing  # noqa: E402
+from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
+from kernels.experts.routing import build_routing  # noqa: E402
 from kernels.tiles import INTERP_BK, INTERP_BN, block_m, gemm_configs, tma_compatible, wgrad_configs  # noqa: E402
-from kernels.wgrad import expert_wgrad  # noqa: E402
+from kernels.experts.wgrad import expert_wgrad  # noqa: E402
 
 CASES = [
     # (T, K, E, D, F, routing)

@@ -9,8 +9,8 @@ import torch
 from kernels.testing import DEVICE, ROUTINGS, check_kernels_interpreted, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-from kernels.combine import combine  # noqa: E402  (after the interpreter switch)
-from kernels.routing import build_routing  # noqa: E402
+from kernels.experts.combine import combine  # noqa: E402  (after the interpreter switch)
+from kernels.experts.routing import build_routing  # noqa: E402
 
 CASES = [
     # (T, K, E, block_m, routing)

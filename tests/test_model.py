@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.reference import expert_ffn_reference
+from kernels.experts.reference import expert_ffn_reference
 from moe.attention import MLA
 from moe.config import preset
 from moe.layers import MLP, rope_cos_sin

@@ -1,4 +1,4 @@
-"""The Triton RMSNorm (kernels/rms_norm_triton.py) against its PyTorch reference and torch's F.rms_norm.
+"""The Triton RMSNorm (kernels/norm/rms_norm_triton.py) against its PyTorch reference and torch's F.rms_norm.
 
 Runs through the Triton interpreter on CPU (bf16 included: no tl.dot here), natively on CUDA."""
 
@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.rms_norm_reference import rms_norm_reference
+from kernels.norm.rms_norm_reference import rms_norm_reference
 from kernels.testing import DEVICE, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-import kernels.rms_norm_triton as rn  # noqa: E402  (after the interpreter switch)
+import kernels.norm.rms_norm_triton as rn  # noqa: E402  (after the interpreter switch)
 
 SHAPES = [(3, 5, 24), (1, 1), (7, 100), (2, 33, 64), (0, 16)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -12,7 +12,7 @@ Every top-level field is also a flag (`--steps 300`, `--micro-batch-size 8`); se
 flags (`--model.num_layers 4`, `--data.vocab_size 8192`); `--model NAME` picks the preset and
 `--data PATH` the corpus. Values are read by YAML rules with two changes from PyYAML's YAML 1.1:
 floats follow YAML 1.2 (`1e-3`, `1E5`, `.5e-2` are numbers, not strings), and a key written twice
-in one table is an error, not last-wins. Every float must be finite.
+in one table is an error, not last-wins (launch/config/files.py). Every float must be finite.
 
 The resolved config is written to `<out_dir>/config.yaml` by the trainer, with `resolved_model`:
 the complete ModelConfig the run trained. That file is a valid `--config`. When a config has
@@ -33,17 +33,15 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import time
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from launch.config import cli_help
 from launch.config.cli_help import flag
+from launch.config.files import load_file
+from launch.config.flags import ConfigArgumentParser, parse_value
 from launch.data.build import DataConfig
 from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from moe.config import (PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, doc_field,
@@ -253,92 +251,6 @@ def _all_finite(value) -> bool:
     return True
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with floats by YAML 1.2 rules and duplicate keys refused.
-
-    YAML 1.1, which PyYAML implements, reads `1e-3` (no dot) as a string; YAML 1.2 and every user
-    read it as a number. `.inf` and `.nan` stay floats, so the finiteness check names them.
-    """
-
-    def construct_mapping(self, node, deep=False):
-        first_seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` keys may be overridden; that is what merging is for
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = first_seen.setdefault(key, key_node.start_mark)
-            except TypeError:
-                continue  # an unhashable key: SafeConstructor reports it
-            if first is not key_node.start_mark:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {first.line + 1}); each key may appear once",
-                    key_node.start_mark,
-                )
-        return super().construct_mapping(node, deep)
-
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    char: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
-    for char, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(
-        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str, where: str):
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
-        if mark is None or problem is None:
-            raise ConfigError(f"{where} is not valid YAML: {err}") from None
-        raise ConfigError(f"{where} is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}") from None
-    except (ValueError, RecursionError) as err:  # an int of more than 4300 digits; nesting deeper than Python's stack
-        raise ConfigError(f"{where} could not be read: {err}") from None
-
-
-def load_file(path: str) -> dict:
-    """The table a YAML or TOML config file holds (an empty file: {}); ConfigError for anything else."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file {path!r} is a directory; give a .yaml, .yml or .toml file")
-    if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    if p.suffix not in (".yaml", ".yml", ".toml"):
-        raise ConfigError(f"config file {path!r}: unsupported extension {p.suffix!r}; use .yaml, .yml or .toml")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"config file {path!r} could not be read: {err.strerror}") from None
-    if p.suffix == ".toml":
-        try:
-            values = tomllib.loads(text)
-        except (ValueError, RecursionError) as err:  # TOMLDecodeError is a ValueError
-            raise ConfigError(f"config file {path!r} is not valid TOML: {err}") from None
-    else:
-        values = _yaml(text, f"config file {path!r}")
-    if values is None:  # empty, or only comments
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path!r} must hold a table of fields, got {type(values).__name__}")
-    return values
-
-
 def _file_values(path: str) -> dict:
     """The config file's fields, its sections checked to be tables of known keys."""
     values = load_file(path)
@@ -355,28 +267,6 @@ def _file_values(path: str) -> dict:
         known = {f.name for f in fields(cls)} | ({"preset"} if name == "model" else set())
         check_keys(section, known, f"section {name} of {where}")
     return values
-
-
-def parse_value(text: str, hint, where: str):
-    """Turn a flag's string into the annotated type: YAML rules, so `1e-3`, `true`, `null`, `[1, 2]` work."""
-    if hint is str or hint == (str | None):  # taken verbatim, so a path or name is never reinterpreted
-        return None if text in ("null", "~") else text
-    value = _yaml(text, f"{where} {text!r}")
-    if value is None and text.strip() not in ("null", "Null", "NULL", "~"):
-        raise ConfigError(f"{where}: could not read {text!r}; expected {_type_label(hint).lower()}")
-    return check_value(value, hint, where)
-
-
-class ConfigArgumentParser(argparse.ArgumentParser):
-    """argparse, with errors as ConfigError and an epilog that may be a function: made only when help is printed."""
-
-    def format_help(self):
-        if callable(self.epilog):
-            self.epilog = self.epilog()
-        return super().format_help()
-
-    def error(self, message):  # argparse would print usage and exit 2; a bad flag is a config error like any other
-        raise ConfigError(f"{message}; see --help")
 
 
 TRAIN_HELP = ("python -m launch.train", "Train a Kimi-K2-style MoE. With no arguments: the `small` preset on the "
@@ -427,10 +317,6 @@ def _epilog(model: dict, data_defaults: dict) -> str:
         "Model presets (--model NAME):",
         cli_help.preset_rows(),
     ])
-
-
-def _type_label(hint) -> str:
-    return getattr(hint, "__name__", str(hint)).upper()
 
 
 def parse_overrides(argv: list[str] | None = None, help: tuple[str, str] = TRAIN_HELP,
@@ -497,39 +383,6 @@ def saved_run_config(out_dir: str) -> dict | None:
     if not run_dir.is_ours(out) or not (out / "config.yaml").is_file():
         return None
     return _file_values(str(out / "config.yaml"))
-
-
-def flat_parser(cls, help: tuple[str, str]) -> argparse.ArgumentParser:
-    """The parser of a flat config dataclass: --config FILE and one flag per field (its doc and
-    default as help); `help` is (prog, description)."""
-    parser = ConfigArgumentParser(prog=help[0], description=help[1], formatter_class=cli_help.HelpFormatter)
-    parser.add_argument("--config", help=f"YAML or TOML file of {cls.__name__} fields (a run's config.yaml works)")
-    # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, as under torchrun.
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
-    cli_help.add_field_flags(parser, cls, {})
-    return parser
-
-
-def parse_flat(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None, defaults: dict | None = None):
-    """cls(**values) for a flat config dataclass (RL's, TRM's): `defaults` <- --config FILE <- flags,
-    each flag read by its field's type; with --resume and --out-dir, the run's saved config.yaml
-    replaces `defaults` as the base, so a resume continues the run it names. The parser takes one
-    flag per field (cli_help.add_field_flags) and --config."""
-    args = parser.parse_args(argv)
-    hints = typing.get_type_hints(cls)
-    given = load_file(args.config) if args.config else {}
-    check_keys(given, hints, f"config file {args.config!r}")
-    for name, text in vars(args).items():
-        if name in hints:
-            given[name] = parse_value(text, hints[name], flag(name))
-    base = dict(defaults or {})
-    if given.get("resume") and given.get("out_dir"):
-        saved = Path(given["out_dir"]).expanduser() / "config.yaml"
-        if saved.is_file():
-            base = load_file(str(saved))
-    values = {**base, **given}
-    check_keys(values, hints, cls.__name__)
-    return cls(**values)
 
 
 def _section_flags(rest: list[str], flags: dict[str, dict]) -> None:

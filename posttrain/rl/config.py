@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from launch.config.training import flat_parser, parse_flat
+from launch.config.flags import flat_parser, parse_flat
 from moe.config import ConfigError, check_field_types, doc_field as _f
 
 

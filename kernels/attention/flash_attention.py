@@ -361,7 +361,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def flash_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor, scale: float):
     """Causal attention, out [B, H, T, V] = softmax(scale * q k^T, causal) v, and max_logit_H [H]
     fp32, each head's largest scale * q.k over the batch and the visible pairs (no gradient).
-    Same contract as `kernels.attention_reference.attention_reference`."""
+    Same contract as `kernels.attention.attention_reference.attention_reference`."""
     if q_BHTQ.dim() != 4 or k_BHTQ.shape != q_BHTQ.shape or v_BHTV.dim() != 4 or v_BHTV.shape[:3] != q_BHTQ.shape[:3]:
         raise ValueError(f"flash_attention wants q and k [B, H, T, Q] and v [B, H, T, V]; got q {tuple(q_BHTQ.shape)}, "
                          f"k {tuple(k_BHTQ.shape)}, v {tuple(v_BHTV.shape)}")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.routing import Routing
+from kernels.experts.routing import Routing
 from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, launch, prune_wgrad, tma_compatible,
                            wgrad_configs)
 

@@ -1,7 +1,7 @@
 """Row-gathered grouped GEMM over expert-sorted rows: one Triton kernel, three epilogues.
 
 Shape legend: T tokens, D hidden, F expert FFN width, E experts, A = T*K assignments,
-i = sorted position (expert-major), a = flat assignment index t*K + k (see `kernels.routing`).
+i = sorted position (expert-major), a = flat assignment index t*K + k (see `kernels.experts.routing`).
 
 Each program owns BM sorted rows of one expert and BN output columns, and computes
 C[i, n] = sum_k A[src(i), k] * W_e[n, k]. The activation rows are read straight from their
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.routing import Routing
+from kernels.experts.routing import Routing
 from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, launch, prune_gemm,
                            tma_compatible)
 
@@ -68,7 +68,7 @@ def _expert_gemm(
     pid_n = (pid % pids_in_group) // group_m
 
     e = tl.load(block_expert_ptr + pid_m)
-    if e >= E:  # past the real block count (the grid is an upper bound, see kernels.routing)
+    if e >= E:  # past the real block count (the grid is an upper bound, see kernels.experts.routing)
         return
     row0 = tl.load(block_row_ptr + pid_m)
     row_end = tl.load(offsets_ptr + e + 1)
