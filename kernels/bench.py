@@ -29,11 +29,11 @@ from kernels.experts.grouped_gemm import _kernel_tuned as gemm_tuned
 from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
 from kernels.experts.reference import expert_ffn_reference
 from kernels.experts.routing import build_routing
-from kernels.testing import ROUTINGS
-from kernels.tiles import block_m
 from kernels.experts.triton_ffn import expert_ffn_triton
 from kernels.experts.wgrad import _kernel_tuned as wgrad_tuned
 from kernels.experts.wgrad import expert_wgrad
+from kernels.testing import ROUTINGS
+from kernels.tiles import block_m
 
 # (name, T, K, E, D, F, routings)
 SHAPES = [

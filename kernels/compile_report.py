@@ -37,13 +37,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.attention import flash_attention as attention_mod
+from kernels.bench import _tuners as bench_tuners
 from kernels.experts import combine as combine_mod
 from kernels.experts import grouped_gemm
-from kernels.attention import flash_attention as attention_mod
-from kernels.norm import rms_norm_triton as norm_mod
-from kernels.bench import _tuners as bench_tuners
-from kernels.tiles import interpreting
 from kernels.experts.triton_ffn import expert_ffn_triton
+from kernels.norm import rms_norm_triton as norm_mod
+from kernels.tiles import interpreting
 
 TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kernels.bench's QUICK shape
 # MLA at K2's head dims (Q = N + R = 128 + 64, V = 128), 16 heads: one of benchmarks/attention_bench.py's shapes.

@@ -98,3 +98,25 @@ def make_problem(T, K, E, D, F, dtype, routing="random", seed=0, device=DEVICE, 
     tensors = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (x, w, gate_up, down)]
     x, w, gate_up, down = tensors
     return x, ids.to(device), w, gate_up, down
+
+
+def ffn_grads(fn, x, ids, w, gate_up, down, dy):
+    """(y, dx, dw, dgate_up, ddown) of an expert FFN for output gradient dy (None gradients when y is empty)."""
+    y = fn(x, ids, w, gate_up, down)
+    return (y, *torch.autograd.grad(y, (x, w, gate_up, down), dy)) if y.numel() else (y, None, None, None, None)
+
+
+def check_ffn_against_reference(fn, T, K, E, D, F, routing, dtype):
+    """fn's output and its four gradients on make_problem's problem, against the fp64 reference."""
+    from kernels.experts.reference import expert_ffn_reference
+
+    x, ids, w, gate_up, down = make_problem(T, K, E, D, F, dtype, routing)
+    dy = torch.randn(T, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE, dtype)
+    ours = ffn_grads(fn, x, ids, w, gate_up, down, dy)
+    ref64 = [t.detach().double().requires_grad_() for t in (x, w, gate_up, down)]
+    ref = ffn_grads(expert_ffn_reference, ref64[0], ids, ref64[1], ref64[2], ref64[3], dy.double())
+    for name, o, r in zip(("y", "dx", "dw", "dgate_up", "ddown"), ours, ref):
+        if r is None:
+            continue
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert_close_to(o, r, dtype, name)

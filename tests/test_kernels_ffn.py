@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.experts.reference import expert_ffn_reference
-from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
-                             use_interpreter_without_cuda)
+from kernels.testing import (DEVICE, check_ffn_against_reference, check_kernels_interpreted, dtype_params,
+                             make_problem, use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
 import kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
@@ -34,22 +33,8 @@ def _interpreted():
     check_kernels_interpreted()
 
 
-def _grads(fn, x, ids, w, gate_up, down, dy):
-    y = fn(x, ids, w, gate_up, down)
-    return (y, *torch.autograd.grad(y, (x, w, gate_up, down), dy)) if y.numel() else (y, None, None, None, None)
-
-
 def _compare(T, K, E, D, F, routing, dtype):
-    x, ids, w, gate_up, down = make_problem(T, K, E, D, F, dtype, routing)
-    dy = torch.randn(T, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE, dtype)
-    ours = _grads(triton_ffn.expert_ffn_triton, x, ids, w, gate_up, down, dy)
-    ref64 = [t.detach().double().requires_grad_() for t in (x, w, gate_up, down)]
-    ref = _grads(expert_ffn_reference, ref64[0], ids, ref64[1], ref64[2], ref64[3], dy.double())
-    for name, o, r in zip(("y", "dx", "dw", "dgate_up", "ddown"), ours, ref):
-        if r is None:
-            continue
-        assert o.dtype == dtype and o.shape == r.shape, name
-        assert_close_to(o, r, dtype, name)
+    check_ffn_against_reference(triton_ffn.expert_ffn_triton, T, K, E, D, F, routing, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

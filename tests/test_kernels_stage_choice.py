@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from kernels.experts.reference import expert_ffn_reference
-from kernels.testing import DEVICE, assert_close_to, check_kernels_interpreted, make_problem, use_interpreter_without_cuda
+from kernels.testing import (DEVICE, check_ffn_against_reference, check_kernels_interpreted, make_problem,
+                             use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
 import kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
@@ -38,36 +38,17 @@ def _fresh():
     stage_choice.reset()
 
 
-def _grads(fn, problem, dy):
-    x, ids, w, gate_up, down = problem
-    y = fn(x, ids, w, gate_up, down)
-    return (y, *torch.autograd.grad(y, (x, w, gate_up, down), dy))
-
-
-def _check_against_reference(problem, dtype, dy):
-    ours = _grads(triton_ffn.expert_ffn_triton, problem, dy)
-    x, ids, w, gate_up, down = problem
-    ref64 = [t.detach().double().requires_grad_() for t in (x, ids, w, gate_up, down)]
-    ref64[1] = ids
-    ref = _grads(expert_ffn_reference, ref64, dy.double())
-    for name, o, r in zip(("y", "dx", "dw", "dgate_up", "ddown"), ours, ref):
-        assert o.dtype == dtype and o.shape == r.shape, name
-        assert_close_to(o, r, dtype, name)
-
-
-def _problem(T, K, E, D, F, routing, dtype=DTYPE):
-    problem = make_problem(T, K, E, D, F, dtype, routing)
-    dy = torch.randn(T, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE, dtype)
-    return problem, dy
+def _check(T, K, E, D, F, routing, dtype=DTYPE):
+    check_ffn_against_reference(triton_ffn.expert_ffn_triton, T, K, E, D, F, routing, dtype)
 
 
 @pytest.mark.parametrize("mix", MIXES, ids=["all-grouped_mm", "mix-a", "mix-b"])
 @pytest.mark.parametrize("T,K,E,D,F,routing", CASES)
 def test_any_mix_of_stages_matches_reference(T, K, E, D, F, routing, mix):
-    problem, dy = _problem(T, K, E, D, F, routing)
-    assert grouped_mm_stages.available(problem[0], problem[3], problem[4])
+    x, _, _, gate_up, down = make_problem(T, K, E, D, F, DTYPE, routing)
+    assert grouped_mm_stages.available(x, gate_up, down)
     with stage_choice.forced(mix):
-        _check_against_reference(problem, DTYPE, dy)
+        _check(T, K, E, D, F, routing)
 
 
 def test_auto_keeps_the_faster_per_stage_and_times_once(monkeypatch):
@@ -88,16 +69,14 @@ def test_auto_keeps_the_faster_per_stage_and_times_once(monkeypatch):
         return real_run(stage, key, triton_fn, grouped_fn, grouped_ok, timer=timer_for(stage))
 
     monkeypatch.setattr(stage_choice, "run", run_with_timer)
-    problem, dy = _problem(19, 3, 5, 24, 20, "random")
     with stage_choice.forced("auto"):
-        _check_against_reference(problem, DTYPE, dy)
+        _check(19, 3, 5, 24, 20, "random")
         assert len(timed) == 2 * len(stage_choice.STAGES)  # each candidate of each stage, once
         picks = {key.split()[0]: c["chosen"] for key, c in stage_choice.choices().items()}
         assert picks == {s: "grouped_mm" if s.startswith("wgrad") else "triton" for s in stage_choice.STAGES}
-        _check_against_reference(problem, DTYPE, dy)  # the same key again: no new timing
+        _check(19, 3, 5, 24, 20, "random")  # the same key again: no new timing
         assert len(timed) == 2 * len(stage_choice.STAGES)
-        problem, dy = _problem(300, 3, 5, 24, 20, "random")  # 900 rows: another bucket, timed anew
-        _check_against_reference(problem, DTYPE, dy)
+        _check(300, 3, 5, 24, 20, "random")  # 900 rows: another bucket, timed anew
         assert len(timed) == 4 * len(stage_choice.STAGES)
 
 
@@ -122,10 +101,10 @@ def test_a_failing_grouped_mm_is_dropped_with_a_warning():
 
 def test_operands_grouped_mm_cannot_take_run_our_kernels():
     """fp16 rows of F = 20 are 40 bytes, not a multiple of 16: forced grouped_mm still gives the right answer."""
-    problem, dy = _problem(19, 3, 5, 24, 20, "random", torch.float16)
-    assert not grouped_mm_stages.available(problem[0], problem[3], problem[4])
+    x, _, _, gate_up, down = make_problem(19, 3, 5, 24, 20, torch.float16)
+    assert not grouped_mm_stages.available(x, gate_up, down)
     with stage_choice.forced("grouped_mm"):
-        _check_against_reference(problem, torch.float16, dy)
+        _check(19, 3, 5, 24, 20, "random", torch.float16)
     x64 = torch.zeros(4, 24, dtype=torch.float64)
     assert not grouped_mm_stages.available(x64, torch.zeros(2, 40, 24, dtype=torch.float64),
                                            torch.zeros(2, 24, 20, dtype=torch.float64))

@@ -13,27 +13,19 @@ torch._grouped_mm over the sorted rows, with Routing's offsets as its group ends
 
 import torch
 
+from kernels.experts.cpu_ffn import grouped_mm_fits
 from kernels.experts.routing import Routing
 from kernels.tiles import tma_compatible
 
-# torch._grouped_mm's operand dtypes: bf16 on CUDA (sm90+); fp32/bf16/fp16 on CPU (torch >= 2.9).
-_CUDA_DTYPES = (torch.bfloat16,)
-_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def available(x_TD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes this problem's operands (it raises otherwise): its dtype on
-    the device, and every operand row-major with a 16-byte aligned base and strides (a weight that
-    is a view into a flat buffer, as DeepSpeed's, may not be)."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether torch._grouped_mm takes this problem's operands (it raises otherwise): on CUDA bf16 on
+    sm90+ only; everywhere the CPU path's dtype and 16-byte row rule (`cpu_ffn.grouped_mm_fits`);
+    and every operand row-major with a 16-byte aligned base and strides (a weight that is a view
+    into a flat buffer, as DeepSpeed's, may not be)."""
+    if x_TD.is_cuda and (x_TD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_TD.device) < (9, 0)):
         return False
-    if x_TD.is_cuda:
-        if x_TD.dtype not in _CUDA_DTYPES or torch.cuda.get_device_capability(x_TD.device) < (9, 0):
-            return False
-    elif x_TD.dtype not in _CPU_DTYPES:
-        return False
-    F = down_EDF.shape[-1]
-    return F * x_TD.element_size() % 16 == 0 and all(
+    return grouped_mm_fits(x_TD.dtype, gate_up_EFD.shape[-1], down_EDF.shape[-1]) and all(
         t.stride(-1) == 1 and tma_compatible(t) for t in (x_TD, gate_up_EFD, down_EDF))
 
 

@@ -21,8 +21,8 @@ from kernels.experts.combine import combine
 from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
 from kernels.experts.reference import check_operands
 from kernels.experts.routing import Routing, build_routing
-from kernels.tiles import block_m
 from kernels.experts.wgrad import expert_wgrad
+from kernels.tiles import block_m
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -44,7 +44,7 @@ class _ExpertFFN(torch.autograd.Function):
         y_TD = out_AD if K == 1 else combine(out_AD, K)
         if training:
             ctx.save_for_backward(x_TD, w_A, gate_up_EFD, down_EDF, h_AF2)
-            ctx.routing = r
+            ctx.routing, ctx.stage_key = r, (key, ok)
             ctx.weights_shape = topk_weights_TK.shape
         return y_TD
 
@@ -55,7 +55,7 @@ class _ExpertFFN(torch.autograd.Function):
         need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
         dx = dw = dgu = ddown = None
-        key, ok = _stage_key(x_TD, gate_up_EFD, down_EDF, r)
+        key, ok = ctx.stage_key
         dh_AF2, dw_sorted_A, act_w_AF = stage_choice.run(
             "swiglu_backward", key, lambda: swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r),
             lambda: gmm.swiglu_backward(dy_TD, down_EDF, h_AF2, w_A, r), ok)
