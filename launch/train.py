@@ -34,7 +34,7 @@ from launch.parallel.recompute import apply_recompute
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError, ModelConfig
-from moe.model import Transformer
+from moe.model import Transformer, materialize
 from moe.moe import weight_casts_once
 from moe.params import count_parameters
 
@@ -314,19 +314,34 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
                 raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
                                   f"nothing left to train; pass --steps above {start_step} to continue it")
 
-        # The source's model itself, not a copy: one model in host memory (expert parallelism then
-        # takes each rank's slice of its experts, as of a fresh one).
-        model = (Transformer(model_cfg) if init is None else init.model.train()).to(device)
+        # A fresh model under a layout that gives this rank only part of it (a pipeline stage, a slice
+        # of the experts) is built on the meta device, cut, and only this rank's part is allocated:
+        # host memory grows with the part, not the model. Each tensor draws from the model's seed and
+        # its own name (moe/model.py's init_weights), so the part holds what the whole model would.
+        # From a source (init_from), the source's model itself, not a copy: one model in host memory.
+        partial = init is None and info is not None and (info.pp_size > 1 or info.ep_size > 1)
+        if partial:
+            with torch.device("meta"):
+                model = Transformer(model_cfg)
+        else:
+            model = (Transformer(model_cfg) if init is None else init.model.train()).to(device)
         counts = count_parameters(model)
-        if cfg.pp_size > 1:  # from here on `model` is this rank's pipeline stage (launch/parallel/pipeline.py)
-            from launch.parallel.pipeline import build_pipeline_module
-
-            model = build_pipeline_module(model, cfg.pp_size, cfg.grad_accum)
-        if info is not None and info.ep_size > 1:
+        if info is not None and info.ep_size > 1:  # each rank's slice of the experts, before the cut
             from launch.parallel.expert_parallel import apply_expert_parallel
 
             ep_group, _, group_name = expert_groups(info.ep_size, pp_size=info.pp_size)
             apply_expert_parallel(model, ep_group, group_name)
+        if cfg.pp_size > 1:  # from here on `model` is this rank's pipeline stage (launch/parallel/pipeline.py)
+            from launch.parallel.pipeline import build_pipeline_module
+
+            model = build_pipeline_module(model, cfg.pp_size, cfg.grad_accum, device=device)
+        elif partial:
+            materialize(model, device, model.init_seed, model_cfg.init_std)
+        # What the largest rank holds (its stage, its slice of the experts): the host and device memory
+        # the layout asks of one process, in summary.json beside the whole model's count.
+        rank_params = torch.tensor(sum(p.numel() for p in model.parameters()), device=device)
+        if info is not None:
+            torch.distributed.all_reduce(rank_params, op=torch.distributed.ReduceOp.MAX)
         apply_recompute(model, cfg.recompute)  # after EP (it recomputes the all_to_alls), before DeepSpeed
         model.loss_chunk_tokens = cfg.loss_chunk_tokens
         optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
@@ -437,7 +452,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     status = "failed" if skipped_in_a_row else "ok"
     summary = {
         "status": status, "params_total": counts["total"], "params_active": counts["active"],
-        "vocab_size": model_cfg.vocab_size, "steps": cfg.steps, "start_step": start_step,
+        "params_largest_rank": int(rank_params), "vocab_size": model_cfg.vocab_size, "steps": cfg.steps, "start_step": start_step,
         "skipped_steps": skipped_total, "tokens": tokens_per_step * cfg.steps, "first_val_loss": first_val,
         "final_val_loss": val_loss, "wall_s": round(time.perf_counter() - start, 1), "device": str(device),
         "world_size": world, "out_dir": str(out), "last_checkpoint": checkpoint.latest(ckpt_root),

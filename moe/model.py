@@ -14,6 +14,7 @@ Routing replay (RL): `with model.replay_routing(routing_LBTK): model(ids_BT, ...
 to the experts recorded for it (e.g. by moe/generate.py while sampling), -1 where none is recorded.
 """
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,6 +28,97 @@ from moe.layers import MLP, RMSNorm, rope_cos_sin
 from moe.loss import IGNORE_INDEX, linear_cross_entropy, logits_cross_entropy
 from moe.moe import MoE, RoutedExperts
 from moe.router import Router
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _normal_(tensor: torch.Tensor, seed: int, name: str, std: float) -> None:
+    generator = torch.Generator(device=tensor.device).manual_seed(_tensor_seed(seed, name))
+    tensor.normal_(0.0, std, generator=generator)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, seed: int, std: float) -> set[str]:
+    """Initialise the parameters and buffers of `module`, a Transformer or a part of one whose
+    tensor names are the Transformer's own (a pipeline stage's "layers.3...."), from `seed` and each
+    tensor's name alone: a part gets what the whole model would hold. Each expert of a stacked
+    [E, ...] tensor draws from its own name ("...gate_up_proj/7"); a module holding a slice of the
+    experts says which global expert its first row is by `first_expert`. Tensors on the meta device
+    are skipped (not yet materialised). N(0, std) for every matrix, ones for norms, zero router
+    biases and load counts, -inf running max logits. Returns the names of the tensors it set."""
+    done: set[str] = set()
+    seen: set[int] = set()  # a tensor under two names (a tied head) draws once, by its first name
+
+    def mark(where: str, *names: str) -> None:
+        done.update(f"{where}{n}" for n in names)
+
+    def fresh(tensor: torch.Tensor) -> bool:
+        if tensor.is_meta or id(tensor) in seen:
+            return False
+        seen.add(id(tensor))
+        return True
+
+    for prefix, m in module.named_modules():
+        where = f"{prefix}." if prefix else ""
+        if isinstance(m, (nn.Linear, nn.Embedding, Router)):
+            if fresh(m.weight):
+                _normal_(m.weight, seed, f"{where}weight", std)
+            mark(where, "weight")
+        elif hasattr(m, "gate_up_proj") and hasattr(m, "first_expert"):  # RoutedExperts or a slice of them
+            for pname in ("gate_up_proj", "down_proj"):
+                param = getattr(m, pname)
+                if not param.is_meta:
+                    for i in range(param.shape[0]):
+                        _normal_(param[i], seed, f"{where}{pname}/{m.first_expert + i}", std)
+                    mark(where, pname)
+        elif isinstance(m, RMSNorm) and not m.weight.is_meta:
+            m.weight.fill_(1.0)
+            mark(where, "weight")
+        if isinstance(m, Router) and not m.e_score_correction_bias.is_meta:
+            m.e_score_correction_bias.zero_()
+            m.tokens_per_expert_E.zero_()
+            mark(where, "e_score_correction_bias", "tokens_per_expert_E")
+        if isinstance(m, MLA) and not m.max_logits_H.is_meta:
+            m.reset_max_logits()
+            mark(where, "max_logits_H")
+    return done
+
+
+def materialize(module: nn.Module, device, seed: int, std: float) -> nn.Module:
+    """`module` (part of a Transformer built on the meta device) allocated on `device` and
+    initialised by init_weights from the whole model's `seed`. A module with no meta tensor is left
+    as it is. A tensor init_weights does not know how to set is an error, not left as to_empty's
+    uninitialised memory."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if not any(t.is_meta for t in tensors):
+        return module
+    if not all(t.is_meta for t in tensors):  # to_empty would overwrite the allocated ones too
+        raise ValueError("materialize: the module holds both meta and allocated tensors; "
+                         "materialize a part that is wholly on meta")
+    # to_empty gives each module's Parameter a new object, one per module: carry over what was set on
+    # the old one (expert parallelism's `allreduce = False` and `group_name`, which DeepSpeed reads),
+    # and tie again what was one Parameter under several names (tie_embeddings).
+    named = list(module.named_parameters(remove_duplicate=False))
+    marks = {name: dict(p.__dict__) for name, p in named if p.__dict__}
+    first_name = {}
+    for name, p in named:
+        first_name.setdefault(id(p), name)
+    ties = {name: first_name[id(p)] for name, p in named if first_name[id(p)] != name}
+    module.to_empty(device=device)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        p.__dict__.update(marks.get(name, {}))
+    for name, source in ties.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, module.get_parameter(source))
+    done = init_weights(module, seed, std)
+    unset = [n for n, _ in (*module.named_parameters(), *module.named_buffers()) if n not in done]
+    if unset:
+        raise TypeError(f"materialize: init_weights (moe/model.py) does not initialise {unset[:5]}"
+                        f"{' ...' if len(unset) > 5 else ''}; teach it their module's rule")
+    return module
 
 
 @dataclass
@@ -71,10 +163,18 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Every tensor's initial values follow from this seed and the tensor's name (init_weights), so a
+        # part of the model built apart (a pipeline stage, an expert-parallel slice) gets the values it
+        # has in the whole model. Drawn from torch's global generator, first: torch.manual_seed(s) then
+        # Transformer(cfg) is reproducible, as before. The submodules' own default inits (overwritten
+        # below) run under fork_rng, so the global generator moves by this one draw whether the model is
+        # built on a device or on meta (where they draw nothing).
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        with torch.random.fork_rng(devices=[]):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Not architecture, so not in ModelConfig: how a forward with targets computes the loss. 0: from
         # the whole logits (returned); C > 0: C tokens at a time, the logits never whole and not returned
         # (moe/loss.py). The trainer sets it from --loss-chunk-tokens.
@@ -85,17 +185,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, init_std) for every matrix (as DeepSeek-V3's HF port), ones for norms, zero biases."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-            elif isinstance(module, RoutedExperts):
-                nn.init.normal_(module.gate_up_proj, std=self.cfg.init_std)
-                nn.init.normal_(module.down_proj, std=self.cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for router in self.routers():
-            router.e_score_correction_bias.zero_()
+        """N(0, init_std) for every matrix (as DeepSeek-V3's HF port), ones for norms, zero router
+        biases; tensors on the meta device are left for whoever materialises them (init_weights)."""
+        init_weights(self, self.init_seed, self.cfg.init_std)
 
     def routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]

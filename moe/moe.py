@@ -25,6 +25,9 @@ class RoutedExperts(nn.Module):
     # gate_up_proj stacks two matrices per expert along its rows: gate's F rows, then up's F rows.
     # Whoever treats matrices one by one (Muon's orthogonalisation) reads the split from here.
     row_blocks = {"gate_up_proj": 2}
+    # The global index of this module's first expert (moe/model.py's init_weights draws each expert
+    # from its own name): 0 here; a slice of the experts held elsewhere sets its own.
+    first_expert = 0
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int):
         super().__init__()

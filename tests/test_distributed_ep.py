@@ -15,9 +15,11 @@ def test_ep2_matches_ep1_forward_and_gradients(tmp_path):
     ranks = torchrun_json("ep_check.py", tmp_path)
     for r in ranks:
         assert r["layers"] == 2  # first_k_dense = 1 of 3 layers
-        # Same rows through the same per-expert matmuls: the forward is bit-identical.
-        assert r["logits_diff"] == 0.0 and r["loss_diff"] == 0.0
-        assert r["dense_grad_diff"] == 0.0
+        # Same rows through the same per-expert matmuls, but a token's K weighted expert outputs are
+        # summed by another kernel (index_add after the return all_to_all, against the fused combine):
+        # fp32 rounding only, at most 1 ulp of the logits measured (often none).
+        assert r["logits_diff"] <= 1e-6 * r["logits_max"] and r["loss_diff"] <= 1e-6
+        assert r["dense_grad_diff"] <= 1e-6 * r["dense_grad_max"]
         # Expert gradients sum two ranks' contributions in another order: fp32 rounding only.
         assert r["expert_grad_diff"] <= 1e-6 * r["expert_grad_max"]
     # The empty splits really happened: expert 6 unused everywhere, expert 1 unused by rank 0 only.

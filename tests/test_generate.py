@@ -140,16 +140,17 @@ def test_stop_tokens_end_their_sequence_and_max_new_tokens_bounds_the_rest():
     model = _model()
     free = generate(model, PROMPTS, 30)
     assert [len(t) for t in free.tokens] == [30, 30, 30] and free.finish_reasons == ["length"] * 3
-    # A token the second sequence produces at step 5 (and not before) becomes a stop token.
-    stop = free.tokens[1][5]
-    assert stop not in free.tokens[1][:5]
+    # The first token the second sequence produces after step 2 and not before becomes a stop token.
+    seq = free.tokens[1]
+    at = next(p for p in range(3, 30) if seq[p] not in seq[:p])
+    stop = seq[at]
     stopped = generate(model, PROMPTS, 30, stop_tokens=[stop, 10_000])
     for b, tokens in enumerate(free.tokens):
         end = tokens.index(stop) + 1 if stop in tokens else 30
         assert stopped.tokens[b] == tokens[:end]  # the stop token is kept, nothing after it
         assert stopped.finish_reasons[b] == ("stop" if stop in tokens else "length")
         assert len(stopped.logprobs[b]) == len(stopped.model_logprobs[b]) == end
-    assert stopped.tokens[1] == free.tokens[1][:6]
+    assert stopped.tokens[1] == free.tokens[1][:at + 1]
     assert [len(t) for t in generate(model, PROMPTS, 1).tokens] == [1, 1, 1]
 
 

@@ -117,8 +117,6 @@ def test_chat_keeps_the_conversation_until_exit(hf_dir, loaded, capsys, monkeypa
     model, tok, _ = loaded
     out = _run(capsys, hf_dir, "--chat", "--max-new-tokens", 8,
                stdin="What is 2 + 3?\n\nAnd 4 + 4?\n/exit\nnever read\n", monkeypatch=monkeypatch).out
-    replies = out.splitlines()
-    assert len(replies) == 2 and all(r.startswith("assistant: ") for r in replies)  # the blank line is skipped
     stops = [chat_ids(tok)["<|im_end|>"], tok.eod_id]
 
     def reply(messages):
@@ -128,7 +126,8 @@ def test_chat_keeps_the_conversation_until_exit(hf_dir, loaded, capsys, monkeypa
     # The second reply continues the whole conversation, the first reply included.
     first = reply([{"role": "user", "content": "What is 2 + 3?"}])
     second = reply([{"role": "user", "content": "What is 2 + 3?"}, first, {"role": "user", "content": "And 4 + 4?"}])
-    assert replies == [f"assistant: {first['content']}", f"assistant: {second['content']}"]
+    # Two replies: the blank line is skipped. (A random model's reply may hold newlines of its own.)
+    assert out == f"assistant: {first['content']}\nassistant: {second['content']}\n"
     assert reply([{"role": "user", "content": "And 4 + 4?"}]) != second  # the test can tell
 
 
@@ -161,7 +160,8 @@ def test_chat_with_tools_runs_the_calls_and_feeds_the_results_back(hf_dir, loade
 def test_chat_with_tools_stops_after_max_turns_on_garbage(hf_dir, capsys, monkeypatch):
     result = _run(capsys, hf_dir, "--chat", "--tools", "--max-turns", 2, "--max-new-tokens", 6,
                   stdin="What is 2 + 3?\n", monkeypatch=monkeypatch)
-    lines = result.out.splitlines()
+    # The messages' first lines (a random model's reply may hold newlines of its own).
+    lines = [line for line in result.out.splitlines() if line.startswith(("assistant: ", "tool "))]
     # A random model writes no <|im_end|> in 6 tokens: two turns, each answered with a parse error.
     assert [line.split(":")[0] for line in lines] == ["assistant", "tool (error)"] * 2
     assert "truncated?" in lines[1] and "(no answer after 2 turns" in result.err

@@ -25,7 +25,7 @@ from moe.config import ConfigError, preset  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 
 TOL = 1e-6
-TRAINER_TAU = 0.06  # below the tiny trainer run's largest logits (measured 0.062-0.071 per step), so it clips
+TRAINER_TAU = 0.06  # below the tiny trainer run's largest logits (measured 0.061-0.070 per step), so it clips
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,12 @@ def pp4(tmp_path_factory):
     return torchrun_json("pipeline_check.py", tmp_path_factory.mktemp("pp4"), nproc=4, timeout=300)
 
 
-def assert_matches_reference(r, weights_tol=TOL):
+# AdamW divides by sqrt(v): where a gradient is near zero, fp32 rounding of the reductions becomes a
+# visible step. Measured up to 1.6e-6 (PP=2 x DP=2); everything else agrees to TOL.
+WEIGHTS_TOL = 5e-6
+
+
+def assert_matches_reference(r, weights_tol=WEIGHTS_TOL):
     assert len(r["lm"]) == 5 and not any(r["skipped"])
     assert r["lm_rel"] <= TOL, (r["lm"], r)
     assert r["aux_rel"] <= TOL  # every stage's MoE balance losses, summed across stages
@@ -165,7 +170,7 @@ def test_muonclip_pp2_ep2_dp2_match_single_process(pp2, pp4, world, case):
     """QK-clip per stage (remeasure off, tau below most heads' logits) against one process's MuonClip."""
     for rank in pp2 if world == 2 else pp4:
         # The reference really clipped (heads over tau per step, of 16), and the clips moved it far
-        # from the unclipped Muon run (measured 1.8e-2 of the largest weight): the check is not void.
+        # from the unclipped Muon run (measured 1.6e-2 at PP=2, 2.1e-2 on 4 ranks, of the largest weight): the check is not void.
         assert sum(rank["muonclip_ref_clipped"]) >= 5, rank["muonclip_ref_clipped"]
         assert rank["clip_effect"] > 1e-3
         r = rank[case]
@@ -206,7 +211,11 @@ def test_trainer_pp2_matches_single_process_and_resumes(tmp_path):
         torchrun(["-m", "launch.train", *args, "--pp-size", "2", "--out-dir", str(piped)], nproc=2)
     ref, got = _metrics(single), _metrics(piped)
     assert [r["step"] for r in got] == [r["step"] for r in ref] and got[-1]["step"] == 6
-    assert json.loads((piped / "summary.json").read_text())["start_step"] == 4  # really resumed
+    summary = json.loads((piped / "summary.json").read_text())
+    assert summary["start_step"] == 4  # really resumed
+    # Each stage allocated only its own layers (built on meta, moe/model.py's materialize).
+    assert summary["params_largest_rank"] < 0.75 * summary["params_total"]
+    assert json.loads((single / "summary.json").read_text())["params_largest_rank"] == summary["params_total"]
     for a, b in zip(got, ref):
         for key in ("lm_loss", "aux_loss", "grad_norm", "val_loss"):
             if key in b:

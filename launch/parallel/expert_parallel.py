@@ -63,6 +63,7 @@ class ExpertParallelExperts(_DeepSpeedMoEMarker):
         p = dist.get_rank(ep_group)
         self.ep_group, self.ep_size, self.ep_rank = ep_group, P, p
         self.num_experts, self.num_local_experts = E, L
+        self.first_expert = p * L  # init_weights (moe/model.py) draws each expert by its global index
         self.expert_group_name = group_name
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[p * L:(p + 1) * L].clone())  # [L, 2F, D]
         self.down_proj = nn.Parameter(experts.down_proj.detach()[p * L:(p + 1) * L].clone())  # [L, D, F]

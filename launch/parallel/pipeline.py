@@ -44,9 +44,12 @@ Not supported yet, refused by `check_pipeline` (and TrainConfig): ZeRO-2/3 (Deep
 engine refuses them), tied embeddings (would need TiedLayerSpec), MuonClip's re-measure (above).
 Packed batches (document ids would have to travel too) are refused by `PipelineStepper.train_step`.
 
-Every rank builds the whole Transformer first (same seed) and keeps references to all of it in the
-stage list; only its own stage is registered, trained and moved to the device. That costs host
-memory at scale; building only the local stage (DeepSpeed's LayerSpec) is the next step.
+A fresh model is built on the meta device on every rank (same seed, so the same `init_seed`), cut
+into stages, and only this rank's stage is allocated and initialised (moe/model.py's
+`materialize`): each tensor draws from the seed and its own name, so a stage holds exactly what
+those layers hold in the whole model, and host memory grows with the stage, not with the model. A
+model loaded from a checkpoint or Hugging Face (`init_from`) is still whole on every rank before the
+cut.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from launch.parallel.zero_muon import ZeroMuon, zero_row_scaler
 from moe.config import ConfigError, ModelConfig
 from moe.layers import rope_cos_sin
 from moe.loss import logits_cross_entropy
-from moe.model import Transformer
+from moe.model import Transformer, materialize
 from moe.moe import MoE
 from moe.router import Router
 from optim import MuonClip, QKClip
@@ -212,11 +215,11 @@ class StagePipe(PipelineModule):
 
 
 def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
-                          blocks_per_stage: list[int] | None = None) -> StagePipe:
+                          blocks_per_stage: list[int] | None = None, device=None) -> StagePipe:
     """`model` cut into pp_size stages on DeepSpeed's PipeDataParallelTopology grid (pipe
-    outermost, see launch/parallel/distributed.py). Every rank passes the same whole `model` (same
-    seed); each keeps only its own stage's modules registered. `stage().named_parameters()` gives
-    the full model's names."""
+    outermost, see launch/parallel/distributed.py). Every rank passes the same `model` (same seed),
+    whole or on the meta device; each keeps only its own stage's modules registered, and allocates
+    them on `device` if they are on meta. `stage().named_parameters()` gives the full model's names."""
     world = dist.get_world_size()
     if world % pp_size:
         raise ConfigError(f"pp_size = {pp_size} must divide the number of processes ({world})")
@@ -224,6 +227,8 @@ def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
     stages = [PipelineStage(model, bounds[s], bounds[s + 1], s == 0, s == pp_size - 1, grad_accum)
               for s in range(pp_size)]
     topology = PipeDataParallelTopology(num_pp=pp_size, num_dp=world // pp_size)
+    mine = stages[topology.get_coord(dist.get_rank()).pipe]
+    materialize(mine, device or torch.device("cpu"), model.init_seed, model.cfg.init_std)
     # One pipeline layer per stage: DeepSpeed's uniform partition then gives stage s exactly stages[s].
     pipe = StagePipe(stages, topology=topology, loss_fn=logits_cross_entropy, partition_method="uniform")
     pipe.block_bounds, pipe.model_cfg = bounds, model.cfg

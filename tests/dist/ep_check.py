@@ -40,7 +40,7 @@ out_ref.loss.backward()
 out_ep.loss.backward()
 
 ref_params = dict(ref.named_parameters())
-dense_diff, expert_diff, expert_ref_norm = 0.0, 0.0, 0.0
+dense_diff, dense_max, expert_diff, expert_ref_norm = 0.0, 0.0, 0.0, 0.0
 for mod_name, module in ep.named_modules():
     if isinstance(module, ExpertParallelExperts):
         L, p = module.num_local_experts, module.ep_rank
@@ -53,10 +53,12 @@ for mod_name, module in ep.named_modules():
 for pname, param in ep.named_parameters():
     if pname in ref_params and ref_params[pname].shape == param.shape and not hasattr(param, "allreduce"):
         dense_diff = max(dense_diff, (ref_params[pname].grad - param.grad).abs().max().item())
+        dense_max = max(dense_max, ref_params[pname].grad.abs().max().item())
 counts = [r.tokens_per_expert_E.tolist() for r in ep.routers()]
 write_result(out_dir, info.rank, {
     "layers": layers,
     "logits_diff": (out_ref.logits - out_ep.logits).abs().max().item(),
+    "logits_max": out_ref.logits.abs().max().item(), "dense_grad_max": dense_max,
     "loss_diff": abs(out_ref.loss.item() - out_ep.loss.item()),
     "dense_grad_diff": dense_diff, "expert_grad_diff": expert_diff, "expert_grad_max": expert_ref_norm,
     "tokens_per_expert": counts,
