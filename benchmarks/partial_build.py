@@ -5,18 +5,22 @@ built the whole model in host memory first.
 
 For each layout this prints and writes, per rank kind (stage s, expert-parallel rank 0):
 parameters held, and with --measure the peak resident memory (RSS) and seconds of a fresh process
-doing only that build, beside a process that builds the whole model the ordinary way.
+doing only that build, beside a process that builds the whole model the ordinary way. With
+--source DIR (a Hugging Face directory or one of our checkpoints, as --init-from takes) each part is
+then also read from DIR, as launch.train --init-from does under that layout; --make-hf DIR first
+writes a random model of the preset there (Hugging Face format).
 
     python benchmarks/partial_build.py --preset kimi-k2 --pp-size 16 --ep-size 8      # counts only
     python benchmarks/partial_build.py --preset k2-2b --pp-size 4 --ep-size 2 --measure \\
         --out benchmarks/partial-build-cpu.json
+    python benchmarks/partial_build.py --preset k2-2b --make-hf /tmp/k2-2b-hf --measure \\
+        --source /tmp/k2-2b-hf --out benchmarks/partial-load-hf-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -64,11 +68,15 @@ def fmt(n: int) -> str:
 def child(args) -> dict:
     """Runs in a fresh process: one build, its peak RSS and time."""
     import deepspeed.runtime.utils  # noqa: F401  (stage_bounds imports it: not part of the build's time)
+    from launch.checkpoint.pretrained import part_source
+    import moe.hf  # noqa: F401  (transformers: imported before the clock starts)
 
     torch.manual_seed(0)
     start = time.perf_counter()
     if args.child == "whole":
         module = Transformer(preset(args.preset))
+        if args.source:  # the whole model read (before, every rank read it all; import_hf holds transformers' copy too)
+            part_source(str(args.source)).load_into(module)
     else:
         with torch.device("meta"):
             model = Transformer(preset(args.preset))
@@ -76,14 +84,21 @@ def child(args) -> dict:
         slice_experts(model, args.ep_size, ep_rank)
         module = materialize(rank_part(model, args.pp_size, stage), torch.device("cpu"),
                              model.init_seed, model.cfg.init_std)
+        if args.source:
+            source = part_source(str(args.source))
+            if source is None or source.cfg != model.cfg:
+                raise SystemExit(f"--source {args.source}: not a source of the {args.preset} preset's model")
+            source.load_into(module)
     seconds = time.perf_counter() - start
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    # VmHWM, this address space's peak: ru_maxrss would carry the parent's peak across exec (Linux).
+    status = Path("/proc/self/status").read_text()
+    rss_gib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 2**20  # KiB
     return {"params": count(module), "seconds": round(seconds, 2), "peak_rss_gib": round(rss_gib, 2)}
 
 
 def measure(args, what: str) -> dict:
     cmd = [sys.executable, __file__, "--preset", args.preset, "--pp-size", str(args.pp_size),
-           "--ep-size", str(args.ep_size), "--child", what]
+           "--ep-size", str(args.ep_size), "--child", what, *(["--source", str(args.source)] if args.source else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -94,12 +109,19 @@ def main() -> None:
     parser.add_argument("--pp-size", type=int, default=4)
     parser.add_argument("--ep-size", type=int, default=2)
     parser.add_argument("--measure", action="store_true", help="also build each part in a fresh process: RSS, time")
+    parser.add_argument("--source", type=Path, help="read each part from this HF directory or checkpoint")
+    parser.add_argument("--make-hf", type=Path, help="first write a random model of the preset here (HF format)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
+    if args.make_hf:
+        from moe.hf import export_hf
+
+        torch.manual_seed(0)
+        export_hf(Transformer(preset(args.preset)), args.make_hf)  # refuses a non-empty directory
     with torch.device("meta"):
         model = Transformer(preset(args.preset))
     if model.cfg.num_experts % args.ep_size:
@@ -111,12 +133,13 @@ def main() -> None:
     parts = [{"stage": s, "blocks": [bounds[s], bounds[s + 1]],
               "params": count(rank_part(model, args.pp_size, s))} for s in range(args.pp_size)]
     result = {"preset": args.preset, "pp_size": args.pp_size, "ep_size": args.ep_size, "params_total": total,
+              "source": None if args.source is None else str(args.source),
               "params_largest_rank": max(p["params"] for p in parts), "parts": parts,
               "date": date.today().isoformat(), "device": "cpu"}
     print(f"{args.preset}: {fmt(total)} parameters; PP {args.pp_size} x EP {args.ep_size}")
     if args.measure:
         result["whole"] = measure(args, "whole")
-        print(f"  whole model, as every rank built it before: {fmt(result['whole']['params'])}, "
+        print(f"  whole model{', read from the source' if args.source else ''}, as every rank built it before: {fmt(result['whole']['params'])}, "
               f"peak RSS {result['whole']['peak_rss_gib']} GiB, {result['whole']['seconds']} s")
     for part in parts:
         line = f"  stage {part['stage']} (blocks {part['blocks'][0]}-{part['blocks'][1] - 1}), EP rank 0: " \

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from launch.checkpoint import store as checkpoint
-from launch.parallel.state_shards import model_tensors
+from launch.parallel.state_shards import load_weights
 from moe.config import ModelConfig
 from moe.model import Transformer
 
@@ -35,13 +35,7 @@ def consolidate(ckpt: Path) -> Transformer:
         raise checkpoint.CheckpointError(f"{ckpt}/manifest.json has no model_config; it was not written by launch.train")
     model = Transformer(ModelConfig(**manifest["model_config"]))
     if "shards" in manifest:  # every tensor under its single-device name, whatever layout wrote it
-        reader = checkpoint.open_shards(ckpt)
-        with torch.no_grad():
-            for name, t in model_tensors(model):
-                key = f"model/{name}"
-                if not reader.has(key) or reader.shape(key) != tuple(t.shape):
-                    raise checkpoint.CheckpointError(f"{ckpt}: no {key} of shape {tuple(t.shape)} (the model_config's)")
-                t.copy_(reader.full(key))
+        load_weights(model, checkpoint.open_shards(ckpt))
         return model
     # The previous format: each rank's whole model share, the experts split over the first EP group.
     ep_size = manifest.get("ep_size", 1)

@@ -29,7 +29,7 @@ from launch.parallel.distributed import DistInfo, expert_groups, init_distribute
 from launch.parallel.engine import LocalStepper, finish_step
 from launch.metrics.dashboard import write_dashboard
 from launch.metrics.log import MetricsLog, check_writers, plot_losses
-from launch.checkpoint.pretrained import load_pretrained
+from launch.checkpoint.pretrained import PartSource, load_pretrained, part_source
 from launch.parallel.recompute import apply_recompute
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.metrics.mfu import flops_per_token, gpu_peak_flops
@@ -164,8 +164,11 @@ def check_run_tokenizer(out: Path, tokenizer) -> None:
                           "resume with the data and tokenizer settings the run was started with")
 
 
-def starting_point(cfg: TrainConfig, out: Path, decision: dict):
-    """(the Pretrained to start from or None, ModelConfig, tokenizer) of a run with init_from.
+def starting_point(cfg: TrainConfig, out: Path, decision: dict, part_only: bool = False):
+    """(the source to start from or None, ModelConfig, tokenizer) of a run with init_from. The source
+    is a Pretrained (the whole model, read), or with `part_only` (this rank will hold only part of
+    the model) a PartSource: its weights are left on disk for the rank to read its own part (our
+    sharded checkpoints and Hugging Face directories; a checkpoint of the previous format is read whole).
 
     A run that resumes from its own checkpoint needs no source weights: its model is the one it
     recorded and its tokenizer the one it kept (a changed or lost source cannot change it)."""
@@ -174,18 +177,22 @@ def starting_point(cfg: TrainConfig, out: Path, decision: dict):
         if not saved.is_file():
             raise ConfigError(f"{saved} is missing: the run started from {cfg.init_from!r} must keep that tokenizer")
         return None, ModelConfig(**decision["saved"]["model"]), BPETokenizer.load(str(saved))
-    init = load_pretrained(cfg.init_from)
-    if init.tokenizer is None:
-        raise ConfigError(f"init_from = {cfg.init_from!r}: {init.source} kept no tokenizer.json, so its token ids "
+    init = part_source(cfg.init_from) if part_only else None
+    if init is not None:
+        model_cfg, tokenizer, source = init.cfg, init.tokenizer, f"{init.where} (this rank's part of it only)"
+    else:
+        init = load_pretrained(cfg.init_from)
+        model_cfg, tokenizer, source = init.model.cfg, init.tokenizer, init.source
+    if tokenizer is None:
+        raise ConfigError(f"init_from = {cfg.init_from!r}: {source} kept no tokenizer.json, so its token ids "
                           "cannot be read; export it from its run (launch.export --hf-dir keeps the run's tokenizer)")
-    model_cfg = init.model.cfg
     if cfg.resolved_model is not None and cfg.resolved_model != dataclasses.asdict(model_cfg):
         raise ConfigError(f"init_from = {cfg.init_from!r} holds another model than this config's resolved_model; "
                           "delete resolved_model to train the source's model")
     if cfg.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"seq_len = {cfg.seq_len} exceeds the max_seq_len = {model_cfg.max_seq_len} of {init.source}")
-    print(f"starting from {init.source}", file=sys.stderr)
-    return init, model_cfg, init.tokenizer
+        raise ConfigError(f"seq_len = {cfg.seq_len} exceeds the max_seq_len = {model_cfg.max_seq_len} of {source}")
+    print(f"starting from {source}", file=sys.stderr)
+    return init, model_cfg, tokenizer
 
 
 def on_main(info: DistInfo | None, fn):
@@ -299,7 +306,8 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
             data = build_data(cfg.data, cfg.seq_len)
             model_cfg = cfg.model_config(vocab_size=data.vocab_size)
         else:
-            init, model_cfg, tokenizer = starting_point(cfg, out, decision)
+            part_only = info is not None and (info.pp_size > 1 or info.ep_size > 1)
+            init, model_cfg, tokenizer = starting_point(cfg, out, decision, part_only)
             data = build_data(cfg.data, cfg.seq_len, tokenizer)
         config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
         check_run_tokenizer(out, data.tokenizer)
@@ -314,12 +322,16 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
                 raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
                                   f"nothing left to train; pass --steps above {start_step} to continue it")
 
-        # A fresh model under a layout that gives this rank only part of it (a pipeline stage, a slice
-        # of the experts) is built on the meta device, cut, and only this rank's part is allocated:
-        # host memory grows with the part, not the model. Each tensor draws from the model's seed and
-        # its own name (moe/model.py's init_weights), so the part holds what the whole model would.
-        # From a source (init_from), the source's model itself, not a copy: one model in host memory.
-        partial = init is None and info is not None and (info.pp_size > 1 or info.ep_size > 1)
+        # Under a layout that gives this rank only part of the model (a pipeline stage, a slice of the
+        # experts), a fresh model or one started from a PartSource (our sharded checkpoint, Hugging Face
+        # weights) is built on the meta device, cut, and only this rank's part is allocated: host
+        # memory grows with the part, not the model. Fresh, each tensor draws from the model's seed and
+        # its own name (moe/model.py's init_weights), so the part holds what the whole model would; from
+        # a source, the part's tensors are then read from it alone (part_load). A checkpoint of the
+        # previous format is the source's whole model itself (a Pretrained), not a copy.
+        part_load = init if isinstance(init, PartSource) else None
+        partial = (init is None or part_load is not None) and info is not None and (
+            info.pp_size > 1 or info.ep_size > 1)
         if partial:
             with torch.device("meta"):
                 model = Transformer(model_cfg)
@@ -337,6 +349,8 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
             model = build_pipeline_module(model, cfg.pp_size, cfg.grad_accum, device=device)
         elif partial:
             materialize(model, device, model.init_seed, model_cfg.init_std)
+        if part_load is not None:  # a pipeline's stage holds the single-device names
+            part_load.load_into(model.stage() if cfg.pp_size > 1 else model)
         # What the largest rank holds (its stage, its slice of the experts): the host and device memory
         # the layout asks of one process, in summary.json beside the whole model's count.
         rank_params = torch.tensor(sum(p.numel() for p in model.parameters()), device=device)

@@ -15,6 +15,10 @@ checkpoint randomly and a field missing from config.json with DeepseekV3Config's
 layers). So config.json is read as JSON first, and every tensor name and shape in the safetensors
 headers is compared with what the config describes, in either expert layout, before anything loads.
 
+A process that holds only part of the model (a pipeline stage, a slice of the experts) reads that
+part alone with `load_hf_part`, straight from the safetensors files (either expert layout), after the
+same checks (`read_hf_config`); tests/test_hf_part.py holds it to import_hf's result.
+
 Kimi K2's routing is DeepSeek-V3's with a single expert group, so n_group = topk_group = 1.
 """
 
@@ -334,3 +338,59 @@ def import_hf(path_or_hf_model: str | os.PathLike | DeepseekV3ForCausalLM) -> Tr
     model = Transformer(cfg)
     model.load_state_dict(ours, strict=True)
     return model
+
+
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of the HF checkpoint directory `path`, its config.json and tensor headers
+    checked as import_hf checks them; no weight is read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"import_hf: {str(path)!r} is not a checkpoint directory (config.json + safetensors)")
+    _check_config_file(path / "config.json")
+    hf_cfg = DeepseekV3Config.from_pretrained(path)
+    cfg = from_hf_config(hf_cfg)
+    _check_tensors(path, hf_cfg, cfg)
+    return cfg
+
+
+def load_hf_part(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Fill `module`, a Transformer of read_hf_config(path) or a part of one under the Transformer's
+    own names (a pipeline stage; a slice of the experts says its first global expert by
+    `first_expert`), from the HF directory `path`, reading from its safetensors only the tensors, and
+    the expert rows, the module holds. Either expert layout (stacked or per-expert) reads; import_hf
+    is the reference (tests/test_hf.py)."""
+    path = Path(path)
+    cfg = read_hf_config(path)
+    _, found = _checkpoint_tensors(path)
+    files: dict[str, object] = {}
+
+    def read(hf_name: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
+        file = found[hf_name][1]
+        if file not in files:
+            files[file] = safe_open(path / file, "pt")
+        piece = files[file].get_slice(hf_name)
+        return piece[lo:hi] if lo is not None else piece[:]
+
+    first = {prefix: m.first_expert for prefix, m in module.named_modules()
+             if hasattr(m, "gate_up_proj") and hasattr(m, "first_expert")}
+    kept = set(module.state_dict().keys())  # parameters (a tied one once) and persistent buffers
+    tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if n in kept)]
+    with torch.no_grad():
+        for name, tensor in tensors:
+            hf_name = _HEAD if name == _HEAD else _PREFIX + name
+            if name == _HEAD and cfg.tie_embeddings:  # HF saves a tied head only as the embedding
+                hf_name = _PREFIX + "embed_tokens.weight"
+            owner, _, kind = name.rpartition(".")
+            if owner not in first:
+                tensor.copy_(read(hf_name))
+                continue
+            lo = first[owner]
+            if hf_name in found:  # stacked [E, ...]: this module's rows
+                tensor.copy_(read(hf_name, lo, lo + tensor.shape[0]))
+                continue
+            for i in range(tensor.shape[0]):  # per-expert: experts lo, lo + 1, ...
+                expert = f"{_PREFIX}{owner}.{lo + i}."
+                if kind == "gate_up_proj":  # gate's rows, then up's
+                    tensor[i].copy_(torch.cat([read(expert + "gate_proj.weight"), read(expert + "up_proj.weight")]))
+                else:
+                    tensor[i].copy_(read(expert + "down_proj.weight"))

@@ -1,7 +1,9 @@
-"""launch.train under expert parallelism builds the model on the meta device and allocates only this
-rank's slice of the experts (moe/model.py's materialize). Reference: the one-process trainer on the
-same data, which builds the whole model the ordinary way. The two must start from the same weights,
-so every step's loss agrees, and the largest rank must hold less than the whole model."""
+"""launch.train under expert or pipeline parallelism builds the model on the meta device and
+allocates only this rank's part (moe/model.py's materialize): fresh, each tensor is initialised from
+the model's seed and its name; from one of our sharded checkpoints (--init-from), each rank reads its
+own part of each tensor. Reference: the one-process trainer on the same data, which builds the whole
+model the ordinary way (or reads the whole checkpoint). Every step's loss must agree, and the largest
+rank must hold less than the whole model."""
 
 import json
 import sys
@@ -19,9 +21,11 @@ from moe.moe import RoutedExperts
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from harness import tiny_train_flags, torchrun  # noqa: E402
 
+PART_ONLY = "this rank's part of it only"  # what launch.train prints when it reads only its part
 
-def _flags(tmp, out, *extra):
-    return [*tiny_train_flags(tmp, out), "--steps", "3", "--warmup-steps", "1", "--eval-every", "3",
+
+def _flags(tmp, out, steps, *extra):
+    return [*tiny_train_flags(tmp, out), "--steps", str(steps), "--warmup-steps", "1", "--eval-every", "100",
             "--eval-batches", "1", "--device", "cpu", "--dist-timeout-s", "120", *extra]
 
 
@@ -30,15 +34,26 @@ def _summary_and_losses(out):
     return json.loads((out / "summary.json").read_text()), {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}
 
 
-@pytest.mark.distributed
-def test_expert_parallel_trainer_starts_from_the_one_process_model_and_holds_its_slice(tmp_path):
-    run(parse_args(_flags(tmp_path, tmp_path / "one", "--grad-accum", "2")))
-    torchrun(["-m", "launch.train", *_flags(tmp_path, tmp_path / "ep", "--grad-accum", "1", "--ep-size", "2",
-                                           "--zero-stage", "1")], nproc=2, timeout=400)
-    (one, ref), (ep, got) = _summary_and_losses(tmp_path / "one"), _summary_and_losses(tmp_path / "ep")
-    assert sorted(got) == sorted(ref) == [1, 2, 3]
-    # Same weights and tokens; only the summation order differs (measured in tests/test_reshard.py's layouts).
+def _assert_same_losses(ref, got):
+    assert sorted(got) == sorted(ref) and ref
+    # Same weights and tokens; only the summation order differs (as across tests/test_reshard.py's layouts).
     assert max(abs(got[s] - ref[s]) / ref[s] for s in ref) <= 1e-6, (ref, got)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The one-process run of 3 steps: the reference of a fresh start, and the checkpoint to start from."""
+    tmp = tmp_path_factory.mktemp("partial")
+    run(parse_args(_flags(tmp, tmp / "one", 3, "--grad-accum", "2")))
+    return tmp
+
+
+@pytest.mark.distributed
+def test_expert_parallel_trainer_starts_from_the_one_process_model_and_holds_its_slice(base):
+    torchrun(["-m", "launch.train", *_flags(base, base / "ep", 3, "--grad-accum", "1", "--ep-size", "2",
+                                           "--zero-stage", "1")], nproc=2, timeout=400)
+    (one, ref), (ep, got) = _summary_and_losses(base / "one"), _summary_and_losses(base / "ep")
+    _assert_same_losses(ref, got)
     assert one["params_largest_rank"] == one["params_total"] == ep["params_total"]
     # What a rank of EP 2 must hold: the whole tiny model but half of each MoE block's routed experts.
     with torch.device("meta"):
@@ -46,3 +61,44 @@ def test_expert_parallel_trainer_starts_from_the_one_process_model_and_holds_its
     routed = sum(p.numel() for m in whole.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
     assert sum(p.numel() for p in whole.parameters()) == one["params_total"] and routed > 0
     assert ep["params_largest_rank"] == one["params_total"] - routed // 2
+
+
+@pytest.mark.distributed
+def test_init_from_a_checkpoint_reads_each_ranks_part_under_ep_and_pp(base):
+    """--init-from the 3-step run: one process reads the whole model; EP 2 and PP 2 read their parts."""
+    source = ("--init-from", str(base / "one"))
+    one_out, ep_out, pp_out = base / "from-one", base / "from-ep", base / "from-pp"
+    run(parse_args(_flags(base, one_out, 2, *source, "--grad-accum", "2")))
+    ep = torchrun(["-m", "launch.train", *_flags(base, ep_out, 2, *source, "--grad-accum", "1", "--ep-size", "2",
+                                                "--zero-stage", "1")], nproc=2, timeout=400)
+    pp = torchrun(["-m", "launch.train", *_flags(base, pp_out, 2, *source, "--grad-accum", "2", "--pp-size", "2")],
+                  nproc=2, timeout=400)
+    assert PART_ONLY in ep.stderr and PART_ONLY in pp.stderr
+    (one, ref) = _summary_and_losses(one_out)
+    _, fresh = _summary_and_losses(base / "one")
+    assert ref[1] < fresh[1] - 0.05  # it really started from the trained weights, not from a fresh model
+    for out in (ep_out, pp_out):
+        summary, got = _summary_and_losses(out)
+        _assert_same_losses(ref, got)
+        assert summary["params_largest_rank"] < 0.9 * one["params_total"] and summary["init_from"] == str(base / "one")
+
+
+@pytest.mark.distributed
+def test_init_from_hugging_face_weights_reads_each_ranks_part_under_ep(base):
+    """--init-from the 3-step run exported to Hugging Face: EP 2 reads its experts from the
+    safetensors files (moe/hf.py's load_hf_part) and logs the losses of one process reading it whole
+    through transformers (import_hf)."""
+    from launch.export import main as export
+
+    hf_dir = base / "hf"
+    export([str(base / "one" / "checkpoints"), "--hf-dir", str(hf_dir)])
+    one_out, ep_out = base / "hf-one", base / "hf-ep"
+    run(parse_args(_flags(base, one_out, 2, "--init-from", str(hf_dir), "--grad-accum", "2")))
+    ep = torchrun(["-m", "launch.train", *_flags(base, ep_out, 2, "--init-from", str(hf_dir), "--grad-accum", "1",
+                                                "--ep-size", "2", "--zero-stage", "1")], nproc=2, timeout=400)
+    assert PART_ONLY in ep.stderr
+    (_, ref), (summary, got) = _summary_and_losses(one_out), _summary_and_losses(ep_out)
+    _assert_same_losses(ref, got)
+    _, fresh = _summary_and_losses(base / "one")
+    assert ref[1] < fresh[1] - 0.05  # it really started from the trained weights
+    assert summary["params_largest_rank"] < 0.9 * summary["params_total"]

@@ -9,6 +9,10 @@ checkpoints are read through launch/checkpoint/store.py (JSON + safetensors, ver
 manifest first), Hugging Face directories through moe.hf.import_hf (safetensors). The model comes
 back in fp32 on the CPU, in eval mode; the tokenizer is None when the source kept none (a run from
 before tokenizers were kept with the run, an export without tokenizer files).
+
+A trainer that holds only part of the model (`launch.train` under --pp-size / --ep-size) asks
+`part_source` instead: the config and tokenizer of one of our checkpoints or of a Hugging Face
+directory, whose tensors it then reads for its own part alone (`PartSource.load_into`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import NamedTuple
 from launch.checkpoint import run_dir
 from launch.checkpoint import store as checkpoint
 from launch.data.tokenizer import BPETokenizer
-from moe.config import ConfigError
+from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 
 
@@ -46,30 +50,83 @@ def _from_checkpoint(ckpt: Path) -> Pretrained:
     return Pretrained(model, _tokenizer(run_tokenizer_file(ckpt)), str(ckpt))
 
 
-def load_pretrained(path: str) -> Pretrained:
-    """The model at `path`: a run directory, a checkpoints/ directory, one step_* checkpoint, or a
-    Hugging Face directory (config.json + safetensors). ConfigError when it is none of these, or a
-    CheckpointError when a run holds no usable checkpoint."""
+def locate(path: str) -> tuple[str, Path]:
+    """("checkpoint", a step_* checkpoint directory) or ("hf", a Hugging Face directory) for what
+    `path` names: a run directory (its newest good checkpoint), a checkpoints/ directory, one
+    checkpoint, or a Hugging Face directory (config.json + safetensors). ConfigError when it is none
+    of these, or a CheckpointError when a run holds no usable checkpoint. Reads no weights."""
     where = Path(path).expanduser()
     if not where.is_dir():
         raise ConfigError(f"{path!r} is not a directory; give a run directory, a checkpoint or a Hugging Face directory")
     if (where / "manifest.json").is_file():
-        return _from_checkpoint(where)
+        return "checkpoint", where
     if run_dir.is_ours(where) or where.name == "checkpoints":
         root = where / "checkpoints" if run_dir.is_ours(where) else where
         found, damaged = checkpoint.find_resumable(root, {}, log=lambda m: print(m, file=sys.stderr))
         if found is None:
             raise checkpoint.CheckpointError(f"{root}: no complete checkpoint to load (has the run saved one yet?)")
-        return _from_checkpoint(found)
+        return "checkpoint", found
     if (where / "config.json").is_file():
-        from moe.hf import import_hf
-
-        try:
-            model = import_hf(where).eval()
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(str(err)) from None
-        return Pretrained(model, _tokenizer(where / "tokenizer.json"), str(where))
+        return "hf", where
     raise ConfigError(
         f"{path!r} holds no run of ours (run.json), no checkpoint (manifest.json) and no Hugging Face model "
         "(config.json); give a run directory, one of its checkpoints, or an exported --hf-dir"
     )
+
+
+class PartSource(NamedTuple):
+    """A source a rank holding part of the model reads its part from: our sharded checkpoint or a
+    Hugging Face directory, checked, its weights still on disk."""
+    cfg: ModelConfig
+    tokenizer: BPETokenizer | None
+    where: Path  # the step_* checkpoint or the Hugging Face directory
+    kind: str  # "checkpoint" or "hf"
+
+    def load_into(self, module) -> None:
+        """Fill `module` (a Transformer or part of one under its names: a pipeline stage, an
+        expert-parallel slice) with the source's values for the tensors it holds, read alone."""
+        if self.kind == "checkpoint":
+            from launch.parallel.state_shards import load_weights
+
+            load_weights(module, checkpoint.open_shards(self.where))
+        else:
+            from moe.hf import load_hf_part
+
+            load_hf_part(module, self.where)
+
+
+def part_source(path: str) -> PartSource | None:
+    """What `path` names, checked but without its weights, for a trainer that holds only part of the
+    model (a pipeline stage, a slice of the experts) and reads only that part: one of our sharded
+    checkpoints (verified against its manifest) or a Hugging Face directory (config.json and tensor
+    headers checked as import_hf checks them). None for a checkpoint of the previous format, which
+    load_pretrained reads whole."""
+    kind, where = locate(path)
+    if kind == "hf":
+        from moe.hf import read_hf_config
+
+        try:
+            cfg = read_hf_config(where)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
+        return PartSource(cfg, _tokenizer(where / "tokenizer.json"), where, "hf")
+    manifest = checkpoint.verify(where, {})
+    if "shards" not in manifest or "model_config" not in manifest:
+        return None
+    return PartSource(ModelConfig(**manifest["model_config"]), _tokenizer(run_tokenizer_file(where)), where, "checkpoint")
+
+
+def load_pretrained(path: str) -> Pretrained:
+    """The model at `path`: a run directory, a checkpoints/ directory, one step_* checkpoint, or a
+    Hugging Face directory (config.json + safetensors). ConfigError when it is none of these, or a
+    CheckpointError when a run holds no usable checkpoint."""
+    kind, where = locate(path)
+    if kind == "checkpoint":
+        return _from_checkpoint(where)
+    from moe.hf import import_hf
+
+    try:
+        model = import_hf(where).eval()
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    return Pretrained(model, _tokenizer(where / "tokenizer.json"), str(where))

@@ -106,6 +106,20 @@ def load_local(model: nn.Module, optimizer: torch.optim.Optimizer, reader) -> No
             optimizer.state[p] = state
 
 
+def load_weights(model: nn.Module, reader) -> None:
+    """The weights and persistent buffers this rank holds (the whole model, a pipeline stage, an
+    expert-parallel slice), from a sharded checkpoint of any layout; no optimizer state. Each tensor
+    is read for the range this rank's copy covers, not whole."""
+    place = placements(model)
+    with torch.no_grad():
+        for name, t in model_tensors(model):
+            shape, base = place[name]
+            key = f"model/{name}"
+            if not reader.has(key) or reader.shape(key) != shape:
+                raise reader.error(f"{reader.ckpt}: no {key} of shape {shape} (the model_config's)")
+            t.copy_(_read_as(reader, key, tuple(t.shape), base, t))
+
+
 def _read_as(reader, key: str, shape: tuple, base: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's tensor `key` (its elements [base, base + numel(shape)) of the global one), shaped."""
     n = torch.Size(shape).numel()
