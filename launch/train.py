@@ -164,7 +164,7 @@ def check_run_tokenizer(out: Path, tokenizer) -> None:
                           "resume with the data and tokenizer settings the run was started with")
 
 
-def starting_point(cfg: TrainConfig, out: Path, decision: dict, part_only: bool = False):
+def starting_point(cfg: TrainConfig, out: Path, decision: dict, info: DistInfo | None = None, part_only: bool = False):
     """(the source to start from or None, ModelConfig, tokenizer) of a run with init_from. The source
     is a Pretrained (the whole model, read), or with `part_only` (this rank will hold only part of
     the model) a PartSource: its weights are left on disk for the rank to read its own part (our
@@ -177,7 +177,21 @@ def starting_point(cfg: TrainConfig, out: Path, decision: dict, part_only: bool 
         if not saved.is_file():
             raise ConfigError(f"{saved} is missing: the run started from {cfg.init_from!r} must keep that tokenizer")
         return None, ModelConfig(**decision["saved"]["model"]), BPETokenizer.load(str(saved))
-    init = part_source(cfg.init_from) if part_only else None
+    init = None
+    if part_only:
+        # Rank 0 resolves and verifies the source (every file's SHA-256), once for the job; the other
+        # ranks then open the checkpoint it names, checking its manifest only.
+        verified = {}
+
+        def resolve():
+            verified["source"] = part_source(cfg.init_from)
+            return None if verified["source"] is None else str(verified["source"].where)
+
+        where = on_main(info, resolve)
+        if "source" in verified:
+            init = verified["source"]
+        elif where is not None:
+            init = part_source(where, check_digests=False)
     if init is not None:
         model_cfg, tokenizer, source = init.cfg, init.tokenizer, f"{init.where} (this rank's part of it only)"
     else:
@@ -307,7 +321,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
             model_cfg = cfg.model_config(vocab_size=data.vocab_size)
         else:
             part_only = info is not None and (info.pp_size > 1 or info.ep_size > 1)
-            init, model_cfg, tokenizer = starting_point(cfg, out, decision, part_only)
+            init, model_cfg, tokenizer = starting_point(cfg, out, decision, info, part_only)
             data = build_data(cfg.data, cfg.seq_len, tokenizer)
         config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
         check_run_tokenizer(out, data.tokenizer)

@@ -102,3 +102,37 @@ def test_init_from_hugging_face_weights_reads_each_ranks_part_under_ep(base):
     _, fresh = _summary_and_losses(base / "one")
     assert ref[1] < fresh[1] - 0.05  # it really started from the trained weights
     assert summary["params_largest_rank"] < 0.9 * summary["params_total"]
+
+
+def _corrupted_copy(base, dest):
+    """The 3-step run's checkpoint, copied, with one byte of its tensor file flipped."""
+    import shutil
+
+    ckpt = next((base / "one" / "checkpoints").glob("step_*"))
+    shutil.copytree(ckpt, dest)
+    tensors = dest / "rank00000.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    return dest
+
+
+def test_part_source_checks_digests_unless_told_its_checkpoint_was_verified(base, tmp_path):
+    from launch.checkpoint import store
+    from launch.checkpoint.pretrained import part_source
+
+    bad = _corrupted_copy(base, tmp_path / "step_bad")
+    with pytest.raises(store.CheckpointError, match="SHA-256 differs"):
+        part_source(str(bad))
+    assert part_source(str(bad), check_digests=False).kind == "checkpoint"  # the manifest alone is intact
+
+
+@pytest.mark.distributed
+def test_a_corrupted_source_is_refused_on_every_rank_by_rank_0s_check(base, tmp_path):
+    """Rank 0 alone hashes the source's files; its refusal reaches the other rank, and nothing trains."""
+    bad = _corrupted_copy(base, tmp_path / "step_bad")
+    proc = torchrun(["-m", "launch.train", *_flags(base, tmp_path / "run", 2, "--init-from", str(bad),
+                                                  "--grad-accum", "1", "--ep-size", "2", "--zero-stage", "1")],
+                    nproc=2, timeout=400, check=False)
+    assert proc.returncode != 0 and "SHA-256 differs" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -95,12 +95,14 @@ class PartSource(NamedTuple):
             load_hf_part(module, self.where)
 
 
-def part_source(path: str) -> PartSource | None:
+def part_source(path: str, check_digests: bool = True) -> PartSource | None:
     """What `path` names, checked but without its weights, for a trainer that holds only part of the
     model (a pipeline stage, a slice of the experts) and reads only that part: one of our sharded
     checkpoints (verified against its manifest) or a Hugging Face directory (config.json and tensor
     headers checked as import_hf checks them). None for a checkpoint of the previous format, which
-    load_pretrained reads whole."""
+    load_pretrained reads whole. `check_digests=False` checks a checkpoint's manifest, not its files'
+    SHA-256: for the ranks of a job whose rank 0 has verified that very checkpoint (hashing every
+    file on every rank would read the whole checkpoint once per rank)."""
     kind, where = locate(path)
     if kind == "hf":
         from moe.hf import read_hf_config
@@ -110,7 +112,7 @@ def part_source(path: str) -> PartSource | None:
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from None
         return PartSource(cfg, _tokenizer(where / "tokenizer.json"), where, "hf")
-    manifest = checkpoint.verify(where, {})
+    manifest = checkpoint.verify(where, {}) if check_digests else checkpoint.read_manifest(where)
     if "shards" not in manifest or "model_config" not in manifest:
         return None
     return PartSource(ModelConfig(**manifest["model_config"]), _tokenizer(run_tokenizer_file(where)), where, "checkpoint")
