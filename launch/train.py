@@ -179,19 +179,14 @@ def starting_point(cfg: TrainConfig, out: Path, decision: dict, info: DistInfo |
         return None, ModelConfig(**decision["saved"]["model"]), BPETokenizer.load(str(saved))
     init = None
     if part_only:
-        # Rank 0 resolves and verifies the source (every file's SHA-256), once for the job; the other
-        # ranks then open the checkpoint it names, checking its manifest only.
-        verified = {}
-
+        # Rank 0 resolves the source and verifies it (every file's SHA-256), once for the job; every
+        # rank then opens the checkpoint or directory it chose, checking the manifest only.
         def resolve():
-            verified["source"] = part_source(cfg.init_from)
-            return None if verified["source"] is None else str(verified["source"].where)
+            source = part_source(cfg.init_from)
+            return None if source is None else str(source.where)
 
         where = on_main(info, resolve)
-        if "source" in verified:
-            init = verified["source"]
-        elif where is not None:
-            init = part_source(where, check_digests=False)
+        init = None if where is None else part_source(where, check_digests=False)
     if init is not None:
         model_cfg, tokenizer, source = init.cfg, init.tokenizer, f"{init.where} (this rank's part of it only)"
     else:
@@ -315,12 +310,13 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     dp_rank, dp_size = (0, 1) if info is None else (info.dp_rank, info.dp_size)
     try:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        # This rank will hold only part of the model (a pipeline stage, a slice of the experts).
+        part_only = info is not None and (info.pp_size > 1 or info.ep_size > 1)
         init = None
         if cfg.init_from is None:
             data = build_data(cfg.data, cfg.seq_len)
             model_cfg = cfg.model_config(vocab_size=data.vocab_size)
         else:
-            part_only = info is not None and (info.pp_size > 1 or info.ep_size > 1)
             init, model_cfg, tokenizer = starting_point(cfg, out, decision, info, part_only)
             data = build_data(cfg.data, cfg.seq_len, tokenizer)
         config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
@@ -344,8 +340,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
         # a source, the part's tensors are then read from it alone (part_load). A checkpoint of the
         # previous format is the source's whole model itself (a Pretrained), not a copy.
         part_load = init if isinstance(init, PartSource) else None
-        partial = (init is None or part_load is not None) and info is not None and (
-            info.pp_size > 1 or info.ep_size > 1)
+        partial = part_only and (init is None or part_load is not None)
         if partial:
             with torch.device("meta"):
                 model = Transformer(model_cfg)

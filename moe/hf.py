@@ -36,6 +36,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
+from moe.params import model_tensors
 
 _PREFIX = "model."
 _HEAD = "lm_head.weight"
@@ -353,14 +354,14 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     return cfg
 
 
-def load_hf_part(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Fill `module`, a Transformer of read_hf_config(path) or a part of one under the Transformer's
-    own names (a pipeline stage; a slice of the experts says its first global expert by
-    `first_expert`), from the HF directory `path`, reading from its safetensors only the tensors, and
-    the expert rows, the module holds. Either expert layout (stacked or per-expert) reads; import_hf
-    is the reference (tests/test_hf.py)."""
+def load_hf_part(module: torch.nn.Module, path: str | os.PathLike, cfg: ModelConfig) -> None:
+    """Fill `module`, a Transformer of `cfg` or a part of one under the Transformer's own names (a
+    pipeline stage; a slice of the experts says its first global expert by `first_expert`), from the
+    HF directory `path`, reading from its safetensors only the tensors, and the expert rows, the
+    module holds. `cfg` is read_hf_config(path): the directory has passed its checks, which are not
+    repeated here. Either expert layout (stacked or per-expert) reads; import_hf is the reference
+    (tests/test_hf_part.py)."""
     path = Path(path)
-    cfg = read_hf_config(path)
     _, found = _checkpoint_tensors(path)
     files: dict[str, object] = {}
 
@@ -373,10 +374,8 @@ def load_hf_part(module: torch.nn.Module, path: str | os.PathLike) -> None:
 
     first = {prefix: m.first_expert for prefix, m in module.named_modules()
              if hasattr(m, "gate_up_proj") and hasattr(m, "first_expert")}
-    kept = set(module.state_dict().keys())  # parameters (a tied one once) and persistent buffers
-    tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if n in kept)]
     with torch.no_grad():
-        for name, tensor in tensors:
+        for name, tensor in model_tensors(module):
             hf_name = _HEAD if name == _HEAD else _PREFIX + name
             if name == _HEAD and cfg.tie_embeddings:  # HF saves a tied head only as the embedding
                 hf_name = _PREFIX + "embed_tokens.weight"

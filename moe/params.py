@@ -1,5 +1,7 @@
-"""Parameter counts: total, and activated per token (what a forward pass multiplies with)."""
+"""Parameter counts: total, and activated per token (what a forward pass multiplies with); the
+tensors a model's saved state holds."""
 
+import torch
 from torch import nn
 
 from moe.config import ModelConfig
@@ -18,3 +20,9 @@ def count_parameters(model: nn.Module) -> dict:
             per_expert = (module.gate_up_proj.numel() + module.down_proj.numel()) // module.gate_up_proj.shape[0]
             inactive += (module.gate_up_proj.shape[0] - cfg.num_experts_per_tok) * per_expert
     return {"total": total, "active": total - inactive}
+
+
+def model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter (a tied one once, under its first name) and persistent buffer."""
+    kept = set(model.state_dict().keys())
+    return list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in kept]

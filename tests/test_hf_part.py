@@ -65,7 +65,7 @@ def test_a_part_reads_the_rows_import_hf_reads(tmp_path, layout, blocks, ep_size
     cfg = read_hf_config(path)
     assert cfg == whole.cfg
     part = _part(cfg, blocks, ep_size, ep_rank, head)
-    load_hf_part(part, path)
+    load_hf_part(part, path, cfg)
     reference = {**dict(whole.named_parameters(remove_duplicate=False)), **dict(whole.named_buffers())}
     L = cfg.num_experts // ep_size
     checked = 0
@@ -86,7 +86,7 @@ def test_the_whole_model_loads_as_import_hf_loads_it(tmp_path):
     with torch.device("meta"):
         model = Transformer(cfg)
     materialize(model, torch.device("cpu"), model.init_seed, cfg.init_std)
-    load_hf_part(model, path)
+    load_hf_part(model, path, cfg)
     whole = import_hf(path)
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -92,7 +92,7 @@ class PartSource(NamedTuple):
         else:
             from moe.hf import load_hf_part
 
-            load_hf_part(module, self.where)
+            load_hf_part(module, self.where, self.cfg)
 
 
 def part_source(path: str, check_digests: bool = True) -> PartSource | None:

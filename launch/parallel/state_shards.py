@@ -28,15 +28,10 @@ from torch import nn
 
 from launch.checkpoint.shards import Held, ShardSet
 from launch.parallel.zero_muon import ZeroMuon, overlapping_matrices
+from moe.params import model_tensors
 from optim.muon import Muon, matrices
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every parameter (a tied one once, under its first name) and persistent buffer."""
-    kept = set(model.state_dict().keys())
-    return list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in kept]
 
 
 def placements(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int]]:
