@@ -25,18 +25,17 @@ from launch.checkpoint import store as checkpoint
 from launch.config.training import TrainConfig, default_out_dir, parse_args, timestamped_run_dir
 from launch.config.warnings import warnings_for
 from launch.data.build import build_data, TrainBatches, ValBatches
-from launch.parallel.distributed import DistInfo, expert_groups, init_distributed, launched
+from launch.parallel.distributed import DistInfo, init_distributed, launched
 from launch.parallel.engine import LocalStepper, finish_step
 from launch.metrics.dashboard import write_dashboard
 from launch.metrics.log import MetricsLog, check_writers, plot_losses
-from launch.checkpoint.pretrained import PartSource, load_pretrained, part_source
+from launch.checkpoint.pretrained import load_pretrained, part_source
+from launch.parallel.rank_model import build_rank_model, holds_part
 from launch.parallel.recompute import apply_recompute
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
 from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from moe.config import ConfigError, ModelConfig
-from moe.model import Transformer, materialize
 from moe.moe import weight_casts_once
-from moe.params import count_parameters
 
 
 class TrainingFailed(RuntimeError):
@@ -164,10 +163,10 @@ def check_run_tokenizer(out: Path, tokenizer) -> None:
                           "resume with the data and tokenizer settings the run was started with")
 
 
-def starting_point(cfg: TrainConfig, out: Path, decision: dict, info: DistInfo | None = None, part_only: bool = False):
+def starting_point(cfg: TrainConfig, out: Path, decision: dict, info: DistInfo | None = None):
     """(the source to start from or None, ModelConfig, tokenizer) of a run with init_from. The source
-    is a Pretrained (the whole model, read), or with `part_only` (this rank will hold only part of
-    the model) a PartSource: its weights are left on disk for the rank to read its own part (our
+    is a Pretrained (the whole model, read), or where this rank will hold only part of the model
+    (launch/parallel/rank_model.py's holds_part) a PartSource: its weights are left on disk for the rank to read its own part (our
     sharded checkpoints and Hugging Face directories; a checkpoint of the previous format is read whole).
 
     A run that resumes from its own checkpoint needs no source weights: its model is the one it
@@ -178,7 +177,7 @@ def starting_point(cfg: TrainConfig, out: Path, decision: dict, info: DistInfo |
             raise ConfigError(f"{saved} is missing: the run started from {cfg.init_from!r} must keep that tokenizer")
         return None, ModelConfig(**decision["saved"]["model"]), BPETokenizer.load(str(saved))
     init = None
-    if part_only:
+    if holds_part(info):
         # Rank 0 resolves the source and verifies it (every file's SHA-256), once for the job; every
         # rank then opens the checkpoint or directory it chose, checking the manifest only.
         def resolve():
@@ -310,14 +309,12 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     dp_rank, dp_size = (0, 1) if info is None else (info.dp_rank, info.dp_size)
     try:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        # This rank will hold only part of the model (a pipeline stage, a slice of the experts).
-        part_only = info is not None and (info.pp_size > 1 or info.ep_size > 1)
         init = None
         if cfg.init_from is None:
             data = build_data(cfg.data, cfg.seq_len)
             model_cfg = cfg.model_config(vocab_size=data.vocab_size)
         else:
-            init, model_cfg, tokenizer = starting_point(cfg, out, decision, info, part_only)
+            init, model_cfg, tokenizer = starting_point(cfg, out, decision, info)
             data = build_data(cfg.data, cfg.seq_len, tokenizer)
         config = {**cfg.to_dict(), "resolved_model": dataclasses.asdict(model_cfg)}
         check_run_tokenizer(out, data.tokenizer)
@@ -332,39 +329,8 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
                 raise ConfigError(f"steps = {cfg.steps}, but the run's newest checkpoint is at step {start_step}: "
                                   f"nothing left to train; pass --steps above {start_step} to continue it")
 
-        # Under a layout that gives this rank only part of the model (a pipeline stage, a slice of the
-        # experts), a fresh model or one started from a PartSource (our sharded checkpoint, Hugging Face
-        # weights) is built on the meta device, cut, and only this rank's part is allocated: host
-        # memory grows with the part, not the model. Fresh, each tensor draws from the model's seed and
-        # its own name (moe/model.py's init_weights), so the part holds what the whole model would; from
-        # a source, the part's tensors are then read from it alone (part_load). A checkpoint of the
-        # previous format is the source's whole model itself (a Pretrained), not a copy.
-        part_load = init if isinstance(init, PartSource) else None
-        partial = part_only and (init is None or part_load is not None)
-        if partial:
-            with torch.device("meta"):
-                model = Transformer(model_cfg)
-        else:
-            model = (Transformer(model_cfg) if init is None else init.model.train()).to(device)
-        counts = count_parameters(model)
-        if info is not None and info.ep_size > 1:  # each rank's slice of the experts, before the cut
-            from launch.parallel.expert_parallel import apply_expert_parallel
-
-            ep_group, _, group_name = expert_groups(info.ep_size, pp_size=info.pp_size)
-            apply_expert_parallel(model, ep_group, group_name)
-        if cfg.pp_size > 1:  # from here on `model` is this rank's pipeline stage (launch/parallel/pipeline.py)
-            from launch.parallel.pipeline import build_pipeline_module
-
-            model = build_pipeline_module(model, cfg.pp_size, cfg.grad_accum, device=device)
-        elif partial:
-            materialize(model, device, model.init_seed, model_cfg.init_std)
-        if part_load is not None:  # a pipeline's stage holds the single-device names
-            part_load.load_into(model.stage() if cfg.pp_size > 1 else model)
-        # What the largest rank holds (its stage, its slice of the experts): the host and device memory
-        # the layout asks of one process, in summary.json beside the whole model's count.
-        rank_params = torch.tensor(sum(p.numel() for p in model.parameters()), device=device)
-        if info is not None:
-            torch.distributed.all_reduce(rank_params, op=torch.distributed.ReduceOp.MAX)
+        # Only this rank's part is allocated, fresh or read from the source (launch/parallel/rank_model.py).
+        model, counts, rank_params = build_rank_model(model_cfg, init, info, device, cfg.pp_size, cfg.grad_accum)
         apply_recompute(model, cfg.recompute)  # after EP (it recomputes the all_to_alls), before DeepSpeed
         model.loss_chunk_tokens = cfg.loss_chunk_tokens
         optimizer = optim.build(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optimizer_args)
@@ -475,7 +441,7 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     status = "failed" if skipped_in_a_row else "ok"
     summary = {
         "status": status, "params_total": counts["total"], "params_active": counts["active"],
-        "params_largest_rank": int(rank_params), "vocab_size": model_cfg.vocab_size, "steps": cfg.steps, "start_step": start_step,
+        "params_largest_rank": rank_params, "vocab_size": model_cfg.vocab_size, "steps": cfg.steps, "start_step": start_step,
         "skipped_steps": skipped_total, "tokens": tokens_per_step * cfg.steps, "first_val_loss": first_val,
         "final_val_loss": val_loss, "wall_s": round(time.perf_counter() - start, 1), "device": str(device),
         "world_size": world, "out_dir": str(out), "last_checkpoint": checkpoint.latest(ckpt_root),
