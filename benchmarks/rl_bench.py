@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import optim  # noqa: E402
-from launch.train import autocast  # noqa: E402
+from launch.runtime import autocast  # noqa: E402
 from moe.config import preset  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from posttrain.rl import objectives  # noqa: E402

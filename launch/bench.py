@@ -38,7 +38,8 @@ from launch.metrics.mfu import flops_per_token, gpu_peak_flops
 from launch.parallel.engine import LocalStepper, finish_step
 from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from launch.parallel.recompute import SavedTensorMeter, apply_recompute
-from launch.train import accumulate, autocast
+from launch.runtime import autocast
+from launch.train import accumulate
 from moe.config import PRESETS, preset
 from moe.model import Transformer
 from moe.params import count_parameters

@@ -43,7 +43,8 @@ from launch.config.flags import ConfigArgumentParser
 from launch.config.training import _section_flags
 from launch.data.build import DataConfig, ValBatches, build_data
 from launch.checkpoint.pretrained import load_pretrained
-from launch.train import evaluate, pick_device, run_cli
+from launch.runtime import pick_device, run_cli
+from launch.train import evaluate
 from moe.config import ConfigError, from_dict
 from moe.model import IGNORE_INDEX
 from moe.params import count_parameters

@@ -28,7 +28,7 @@ from launch.metrics import dashboard
 from launch.checkpoint import run_dir
 from launch.config.flags import ConfigArgumentParser
 from launch.metrics.log import MetricsError, ema, read_metrics
-from launch.train import run_cli
+from launch.runtime import run_cli
 from moe.config import ConfigError
 
 KIND = "kimi-moe report"  # the JSON table's "kind": a file that has it is ours to replace

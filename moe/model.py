@@ -26,7 +26,7 @@ from moe.cache import LatentCache, LayerCache
 from moe.config import ModelConfig
 from moe.layers import MLP, RMSNorm, rope_cos_sin
 from moe.loss import IGNORE_INDEX, linear_cross_entropy, logits_cross_entropy
-from moe.moe import MoE, RoutedExperts
+from moe.moe import MoE
 from moe.router import Router
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from launch import train
 from launch.config.training import parse_args
 from launch.metrics.log import read_metrics
+from launch.runtime import run_cli
 from launch.checkpoint.pretrained import load_pretrained
 from launch.checkpoint.run_dir import new_demo_dir
 from posttrain import sft
@@ -160,7 +161,7 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    train.run_cli(lambda: run(args))
+    run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import launch.data.build as data_mod
 from launch.data import tokenizer as tok_mod
 from launch.data import sources as data_sources
 from launch.data.build import DataConfig, TrainBatches, ValBatches, build_data, pack, split_documents

@@ -178,7 +178,7 @@ def test_clip_acts_on_the_updated_weights():
     assert S > TAU
     g = TAU / S
     attn_c, attn_p = clipped.attentions()[0], plain.attentions()[0]
-    N, R, Vh = attn_c.nope_dim, attn_c.rope_dim, attn_c.v_dim
+    N, R = attn_c.nope_dim, attn_c.rope_dim
     Wq = attn_p.q_b_proj.weight.detach().clone()
     Wq[:N] *= math.sqrt(g)
     Wq[N:N + R] *= g

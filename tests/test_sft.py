@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from launch.data.batches import TrainBatches, ValBatches
+from launch.data.batches import ValBatches
 from launch.checkpoint.pretrained import load_pretrained
 from launch.train import run
 from moe.config import ConfigError

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from moe.config import ConfigError
 from trm.demo import main
 
 TINY = "{hidden_size: 32, intermediate_size: 64, num_heads: 2, n_sup: 2}"

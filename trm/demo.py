@@ -26,7 +26,7 @@ import yaml
 
 from launch.metrics.log import read_metrics
 from launch.checkpoint.run_dir import new_demo_dir
-from launch.train import run_cli
+from launch.runtime import run_cli
 from moe.config import ConfigError
 from trm.data import build
 from trm.run_config import parse

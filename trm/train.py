@@ -43,7 +43,7 @@ from launch.checkpoint import resume, run_dir
 from launch.checkpoint import store as checkpoint
 from launch.parallel.distributed import DistInfo, sum_gradients
 from launch.metrics.log import MetricsLog, check_writers
-from launch.train import replicated_run, run_cli
+from launch.runtime import replicated_run, run_cli
 from moe.config import ConfigError
 from trm.config import TRMConfig, preset
 from trm.model import TRM, parameter_count

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from launch.train import autocast
+from launch.runtime import autocast
 from moe.model import Transformer, eval_mode
 from posttrain.rl.rollout import Group
 

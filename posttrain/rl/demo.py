@@ -27,6 +27,7 @@ from pathlib import Path
 
 from launch import train
 from launch.metrics.log import read_metrics
+from launch.runtime import run_cli
 from posttrain import sft
 from launch.checkpoint.run_dir import new_demo_dir
 from posttrain.demo import pretrain_base
@@ -114,7 +115,7 @@ def _figures(metrics: Path, summary: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    train.run_cli(lambda: run(args))
+    run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from launch.parallel.engine import LocalStepper, StepResult, finish_step
 from launch.metrics.log import MetricsLog, check_writers
 from launch.checkpoint.pretrained import load_pretrained
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
-from launch.train import autocast, replicated_run, run_cli
+from launch.runtime import autocast, replicated_run, run_cli
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 from posttrain.chat import render_generation_prompt
