@@ -28,9 +28,11 @@ from moe.config import ModelConfig
 from moe.model import Transformer
 
 
-def consolidate(ckpt: Path) -> Transformer:
-    """The model saved in checkpoint directory `ckpt` (verified against its manifest first)."""
-    manifest = checkpoint.verify(ckpt, {})
+def consolidate(ckpt: Path, check_digests: bool = True) -> Transformer:
+    """The model saved in checkpoint directory `ckpt`, verified against its manifest first (every
+    file's size and SHA-256; the manifest alone with `check_digests=False`, where the caller's rank 0
+    has verified it)."""
+    manifest = checkpoint.verify(ckpt, {}) if check_digests else checkpoint.read_manifest(ckpt)
     if "model_config" not in manifest:
         raise checkpoint.CheckpointError(f"{ckpt}/manifest.json has no model_config; it was not written by launch.train")
     model = Transformer(ModelConfig(**manifest["model_config"]))

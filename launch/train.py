@@ -29,7 +29,7 @@ from launch.parallel.distributed import DistInfo, init_distributed, launched
 from launch.parallel.engine import LocalStepper, finish_step
 from launch.metrics.dashboard import write_dashboard
 from launch.metrics.log import MetricsLog, check_writers, plot_losses
-from launch.checkpoint.pretrained import load_pretrained, part_source
+from launch.checkpoint.pretrained import load_pretrained, part_source, verify_source
 from launch.parallel.rank_model import build_rank_model, holds_part
 from launch.parallel.recompute import apply_recompute
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
@@ -157,20 +157,14 @@ def starting_point(cfg: TrainConfig, out: Path, decision: dict, info: DistInfo |
         if not saved.is_file():
             raise ConfigError(f"{saved} is missing: the run started from {cfg.init_from!r} must keep that tokenizer")
         return None, ModelConfig(**decision["saved"]["model"]), BPETokenizer.load(str(saved))
-    init = None
-    if holds_part(info):
-        # Rank 0 resolves the source and verifies it (every file's SHA-256), once for the job; every
-        # rank then opens the checkpoint or directory it chose, checking the manifest only.
-        def resolve():
-            source = part_source(cfg.init_from)
-            return None if source is None else str(source.where)
-
-        where = on_main(info, resolve)
-        init = None if where is None else part_source(where, check_digests=False)
+    # Rank 0 resolves the source and verifies it (every file's SHA-256), once for the job; every rank
+    # then opens the checkpoint or directory it chose, checking the manifest only.
+    where = on_main(info, lambda: verify_source(cfg.init_from))
+    init = part_source(where, check_digests=False) if holds_part(info) else None
     if init is not None:
         model_cfg, tokenizer, source = init.cfg, init.tokenizer, f"{init.where} (this rank's part of it only)"
     else:
-        init = load_pretrained(cfg.init_from)
+        init = load_pretrained(where, check_digests=False)
         model_cfg, tokenizer, source = init.model.cfg, init.tokenizer, init.source
     if tokenizer is None:
         raise ConfigError(f"init_from = {cfg.init_from!r}: {source} kept no tokenizer.json, so its token ids "

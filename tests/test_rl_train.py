@@ -21,7 +21,8 @@ from posttrain.rl.tasks import arithmetic, digits
 from posttrain.rl.config import parse
 from posttrain.rl.train import run
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
+DIST = Path(__file__).parent / "dist"
+sys.path.insert(0, str(DIST))
 from harness import tiny_chat_base_flags, torchrun  # noqa: E402
 
 
@@ -106,7 +107,12 @@ def test_two_processes_train_what_one_process_trains(policy, tmp_path):
     one = tmp_path / "one"
     run(parse(_flags(policy, one, *flags)))
     two = tmp_path / "two"
-    torchrun(["-m", "posttrain.rl", *_flags(policy, two, *flags)], nproc=2, timeout=300)
+    # Counting the SHA-256s each rank takes of the source's files (tests/dist/digest_count.py).
+    counts = tmp_path / "counts"
+    torchrun([str(DIST / "digest_count.py"), str(policy / "sft"), str(counts), "posttrain.rl",
+              *_flags(policy, two, *flags)], nproc=2, timeout=300)
+    # Rank 0 alone checks the source; the other rank reads the checkpoint it chose.
+    assert (counts / "rank0.txt").read_text() and not (counts / "rank1.txt").read_text()
     a, b = _records(one), _records(two)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()

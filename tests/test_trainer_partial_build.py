@@ -18,7 +18,8 @@ from moe.config import preset
 from moe.model import Transformer
 from moe.moe import RoutedExperts
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
+DIST = Path(__file__).parent / "dist"
+sys.path.insert(0, str(DIST))
 from harness import tiny_train_flags, torchrun  # noqa: E402
 
 PART_ONLY = "this rank's part of it only"  # what launch.train prints when it reads only its part
@@ -136,3 +137,22 @@ def test_a_corrupted_source_is_refused_on_every_rank_by_rank_0s_check(base, tmp_
                     nproc=2, timeout=400, check=False)
     assert proc.returncode != 0 and "SHA-256 differs" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def hashed_by_rank(counts: Path) -> dict:
+    """{rank: the source files it SHA-256'd} from tests/dist/digest_count.py's logs."""
+    return {int(p.stem.removeprefix("rank")): sorted(p.read_text().split()) for p in counts.glob("rank*.txt")}
+
+
+@pytest.mark.distributed
+def test_only_rank_0_hashes_the_source_of_a_replicated_run(base, tmp_path):
+    """Data parallelism (every rank reads the whole model): rank 0 checks each file of the source
+    once, the other rank reads it trusting that check (before, every rank hashed every file)."""
+    ckpt = next((base / "one" / "checkpoints").glob("step_*"))
+    files = sorted(e["file"] for e in json.loads((ckpt / "manifest.json").read_text())["files"])
+    counts = tmp_path / "counts"
+    torchrun([str(DIST / "digest_count.py"), str(ckpt), str(counts), "launch.train",
+              *_flags(base, tmp_path / "run", 1, "--init-from", str(ckpt), "--grad-accum", "1", "--zero-stage", "1")],
+             nproc=2, timeout=400)
+    assert hashed_by_rank(counts) == {0: files, 1: []}
+    assert (tmp_path / "run" / "summary.json").is_file()

@@ -43,10 +43,10 @@ def run_tokenizer_file(ckpt: Path) -> Path:
     return Path(ckpt).parent.parent / "tokenizer.json"
 
 
-def _from_checkpoint(ckpt: Path) -> Pretrained:
+def _from_checkpoint(ckpt: Path, check_digests: bool) -> Pretrained:
     from launch.export import consolidate
 
-    model = consolidate(ckpt).eval()
+    model = consolidate(ckpt, check_digests).eval()
     return Pretrained(model, _tokenizer(run_tokenizer_file(ckpt)), str(ckpt))
 
 
@@ -72,6 +72,18 @@ def locate(path: str) -> tuple[str, Path]:
         f"{path!r} holds no run of ours (run.json), no checkpoint (manifest.json) and no Hugging Face model "
         "(config.json); give a run directory, one of its checkpoints, or an exported --hf-dir"
     )
+
+
+def verify_source(path: str) -> str:
+    """Where `path`'s weights are (as `locate` finds them), after checking every file of a checkpoint
+    against its manifest's sizes and SHA-256: what rank 0 of a job runs once, so that every rank can
+    then read that very checkpoint with `check_digests=False` (hashing on every rank would read the
+    whole source once per rank; at K2's size that is terabytes each). A Hugging Face directory has no
+    digests to check; its config and tensor headers are checked where it is read."""
+    kind, where = locate(path)
+    if kind == "checkpoint":
+        checkpoint.verify(where, {})
+    return str(where)
 
 
 class PartSource(NamedTuple):
@@ -118,13 +130,14 @@ def part_source(path: str, check_digests: bool = True) -> PartSource | None:
     return PartSource(ModelConfig(**manifest["model_config"]), _tokenizer(run_tokenizer_file(where)), where, "checkpoint")
 
 
-def load_pretrained(path: str) -> Pretrained:
+def load_pretrained(path: str, check_digests: bool = True) -> Pretrained:
     """The model at `path`: a run directory, a checkpoints/ directory, one step_* checkpoint, or a
     Hugging Face directory (config.json + safetensors). ConfigError when it is none of these, or a
-    CheckpointError when a run holds no usable checkpoint."""
+    CheckpointError when a run holds no usable checkpoint. `check_digests=False` as for `part_source`:
+    on the ranks of a job whose rank 0 has run `verify_source` on `path`."""
     kind, where = locate(path)
     if kind == "checkpoint":
-        return _from_checkpoint(where)
+        return _from_checkpoint(where, check_digests)
     from moe.hf import import_hf
 
     try:

@@ -52,9 +52,9 @@ from launch.checkpoint import store as checkpoint
 from launch.parallel.distributed import DistInfo, sum_gradients
 from launch.parallel.engine import LocalStepper, StepResult, finish_step
 from launch.metrics.log import MetricsLog, check_writers
-from launch.checkpoint.pretrained import load_pretrained
+from launch.checkpoint.pretrained import load_pretrained, verify_source
 from launch.data.tokenizer import BPETokenizer, save_run_tokenizer
-from launch.runtime import autocast, replicated_run, run_cli
+from launch.runtime import autocast, on_main, replicated_run, run_cli
 from moe.config import ConfigError, ModelConfig
 from moe.model import Transformer
 from posttrain.chat import render_generation_prompt
@@ -335,7 +335,8 @@ def _run(cfg: RLConfig, info, device, out: Path, ckpt: str | None) -> dict:
             raise ConfigError(f"iterations = {cfg.iterations}, but the run's newest checkpoint is at iteration {start}: "
                               f"nothing left to do; pass --iterations above {start} to continue it")
     else:
-        init = load_pretrained(cfg.init_from)
+        # Rank 0 verifies the source once for the job (every file's SHA-256); the ranks read what it chose.
+        init = load_pretrained(on_main(info, lambda: verify_source(cfg.init_from)), check_digests=False)
         if init.tokenizer is None:
             raise ConfigError(f"init_from = {cfg.init_from!r}: {init.source} kept no tokenizer.json, so its token "
                               "ids cannot be read")
