@@ -23,8 +23,11 @@ Precision, as the stack runs it (launch/train.py, launch/parallel/deepspeed_conf
   bf16      DeepSpeed on GPU: bf16 weights and gradients, fp32 masters and optimizer state
             (optim.Muon keeps fp32 masters for bf16 parameters the same way).
 
-Pipeline parallelism is modelled, not run: launch.train runs pp = 1 today. 1F1B keeps up to p - s
-micro-batches of stage s in flight, and the bubble is (p-1)/(m+p-1) for m micro-batches; with v
+Pipeline parallelism: launch.train --pp-size runs plain 1F1B (DeepSpeed's pipeline engine), and the
+stages planned here hold the blocks its cut gives them (launch/parallel/stage_cut.py: parameters
+balanced, the embedding on stage 0, the norm and head on the last). Virtual stages (vpp > 1) are
+modelled, not run. The pipeline's activation, p2p and bubble terms have not been checked against a
+measured pipelined run. 1F1B keeps up to p - s micro-batches of stage s in flight, and the bubble is (p-1)/(m+p-1) for m micro-batches; with v
 virtual stages (Megatron-LM's interleaved schedule, Narayanan et al. 2021 §2.2) the bubble is
 (p-1)/(v*m+p-1) and stage s warms up with 2(p-s-1) + (v-1)p chunks of 1/v of its layers.
 
@@ -43,7 +46,7 @@ import sys
 from dataclasses import dataclass, fields
 
 from launch.planning.memory import dtype_bytes, peak_bytes, stage_memory
-from launch.planning.params import chunk_layers, param_totals, stage_params
+from launch.planning.params import param_totals, stage_layers, stage_params
 from launch.planning.step_time import FABRICS, GPUS, step_estimate
 from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from moe.config import PRESETS, ConfigError, ModelConfig, check_field_types, doc_field, preset
@@ -69,8 +72,9 @@ class Layout:
 
     model: str = doc_field("kimi-k2", "model preset: " + ", ".join(PRESETS))
     gpus: int = doc_field(1, "GPUs in the job (the world): pp x dp (a count: 2Ki = 2048)")
-    pp: int = doc_field(1, "pipeline stages (launch.train runs 1 today; more is modelled)")
-    vpp: int = doc_field(1, "virtual stages per pipeline rank (interleaved 1F1B); 1: plain 1F1B")
+    pp: int = doc_field(1, "pipeline stages (launch.train --pp-size; its cut of the blocks is the one planned)")
+    vpp: int = doc_field(1, "virtual stages per pipeline rank (interleaved 1F1B, modelled: launch.train runs "
+                            "1); 1: plain 1F1B")
     ep: int = doc_field(1, "expert-parallel size: consecutive data-parallel ranks that split the routed experts")
     zero: int = doc_field(1, "ZeRO stage over the data-parallel replicas: 0 none, 1 optimizer state and masters, "
                              "2 + gradients, 3 + weights (not with muon/muonclip or ep > 1)")
@@ -181,7 +185,7 @@ def plan(lay: Layout) -> dict:
     Raises DoesNotFit (with the plan attached) when the fullest stage exceeds the GPU."""
     cfg = lay.model_config()
     gpu = GPUS[lay.gpu]
-    layers_of = chunk_layers(cfg.num_layers, lay.pp, lay.vpp)
+    layers_of = stage_layers(cfg, lay.pp, lay.vpp, lay.ep)
     stages = [stage_memory(cfg, lay, s, layers) for s, layers in enumerate(layers_of)]
     peak = max(range(lay.pp), key=lambda s: peak_bytes(stages[s]))
     phases = stages[peak]
@@ -193,7 +197,8 @@ def plan(lay: Layout) -> dict:
         "layout": dataclasses.asdict(lay) | {"dp": lay.dp, "edp": lay.dp // lay.ep, "microbatches": lay.microbatches},
         "params": param_totals(cfg),
         "memory": {"stage": peak, "phases": phases, "terms": terms, "peak_phase": busiest, "total": total,
-                   "usable": usable, "hbm": gpu.hbm_bytes, "stage_totals": [peak_bytes(t) for t in stages]},
+                   "usable": usable, "hbm": gpu.hbm_bytes, "stage_totals": [peak_bytes(t) for t in stages],
+                   "stage_layers": layers_of},
         "step": step_estimate(cfg, lay, gpu, param_totals(cfg)["active"],
                               stage_params(cfg, list(range(cfg.num_layers)), True, True, lay.ep), *dtype_bytes(lay)[1:],
                               optimizer_bytes=2 * sum(phases["persistent"].values()) + 2 * sum(phases["step"].values())),
@@ -269,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _blocks(layers: list[int]) -> str:
+    """", blocks 4-7" for a stage's contiguous run; "" for the whole model or none of its blocks."""
+    if not layers:
+        return ", no block"
+    if layers != list(range(layers[0], layers[-1] + 1)):
+        return f", {len(layers)} blocks"
+    return f", block {layers[0]}" if len(layers) == 1 else f", blocks {layers[0]}-{layers[-1]}"
+
+
+def _gib_header(text: str) -> str:
+    return text + " " * max(1, 53 - len(text)) + "GiB"  # "GiB" over the value column of the rows below
+
+
 def format_plan(result: dict) -> str:
     lay, mem, step = result["layout"], result["memory"], result["step"]
     lines = [f"{lay['model']} ({result['params']['total'] / 1e9:.2f}B total, {result['params']['active'] / 1e9:.2f}B "
@@ -277,7 +295,8 @@ def format_plan(result: dict) -> str:
              f"recompute {lay['recompute']}",
              f"batch: {lay['global_batch_tokens']:,} tokens/step = {_plural(lay['microbatches'], 'micro-batch')} x "
              f"{lay['micro_batch']} x {lay['seq_len']} tokens x dp {lay['dp']}", "",
-             f"memory per GPU (stage {mem['stage']} of {lay['pp']}, the fullest)          GiB"]
+             _gib_header(f"memory per GPU (stage {mem['stage']} of {lay['pp']}, the fullest"
+                         f"{_blocks(mem['stage_layers'][mem['stage']])})")]
     for phase, terms in mem["phases"].items():
         label = {"persistent": "always", "backward": "while micro-batches run", "step": "inside the optimizer step"}
         lines.append(f" {label[phase]}:" + ("   <- the larger of the two" if phase == mem["peak_phase"] else ""))
@@ -297,8 +316,8 @@ def format_plan(result: dict) -> str:
               f"  {'step':<52}{sec['step']:>10.3f}",
               f"  tokens/s {step['tokens_per_second']:,.0f}   MFU {step['mfu']:.1%} "
               f"(at --compute-efficiency {lay['compute_efficiency']:g}, --comm-efficiency {lay['comm_efficiency']:g})"]
-    if lay["pp"] > 1:
-        lines.append("  note: launch.train runs pp = 1 today; pipeline terms are modelled")
+    if lay["vpp"] > 1:
+        lines.append("  note: launch.train runs vpp = 1 (plain 1F1B); the interleaved schedule is modelled")
     return "\n".join(lines)
 
 

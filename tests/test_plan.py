@@ -29,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 import optim
 from launch.parallel.engine import LocalStepper
 from launch.parallel.recompute import SavedTensorMeter, apply_recompute
-from launch.plan import DoesNotFit, Layout, PlanError, chunk_layers, main, parse_count, plan, stage_memory
+from launch.plan import DoesNotFit, Layout, PlanError, main, parse_count, plan, stage_memory
+from launch.planning.params import stage_layers
 from launch.planning.activations import in_flight
 from moe.config import preset
 from moe.model import Transformer
@@ -234,8 +235,9 @@ def test_zero_shards_optimizer_state_over_replicas():
 
 
 def test_pipeline_stages_and_in_flight_micro_batches():
-    assert chunk_layers(61, 16, 1)[0] == [0, 1, 2] and sum(map(len, chunk_layers(61, 16, 2))) == 61
-    assert chunk_layers(8, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    # Interleaved (modelled only): Megatron's placement of the pp x vpp even chunks.
+    assert sum(map(len, stage_layers(preset("kimi-k2"), 16, 2, 1))) == 61
+    assert stage_layers(preset("small", num_layers=8), 2, 2, 1) == [[0, 1, 4, 5], [2, 3, 6, 7]]
     lay = Layout(model="kimi-k2", gpus=256, pp=16, ep=16, global_batch_tokens=64 * 4096 * 16)
     assert [in_flight(16, 1, lay.microbatches, s) for s in (0, 15)] == [16, 1]
     assert plan_anyway(lay)["step"]["bubble"] == pytest.approx(15 / (64 + 15))
@@ -295,6 +297,26 @@ def test_cli_reads_names_in_any_case_and_counts_with_suffixes(capsys):
     assert exit_.value.code == 2 and "not a count such as" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name,pp,ep", [("k2-2b", 4, 1), ("k2-2b", 8, 2), ("small", 3, 4), ("kimi-k2", 16, 16),
+                                         ("kimi-k2", 8, 1), ("tiny", 2, 1)])
+def test_planned_stages_hold_the_blocks_launch_train_gives_them(name, pp, ep, monkeypatch):
+    """The planner's stages against the trainer's cut (launch/parallel/pipeline.py's stage_bounds) of
+    a real meta-device model, its experts sliced by expert parallelism as launch.train slices them
+    (rank 0 of an ep-sized group, stood in for: no process group is needed to slice)."""
+    from launch.parallel import expert_parallel
+    from launch.parallel.pipeline import stage_bounds
+
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if ep > 1:
+        monkeypatch.setattr(expert_parallel.dist, "get_world_size", lambda group=None: ep)
+        monkeypatch.setattr(expert_parallel.dist, "get_rank", lambda group=None: 0)
+        expert_parallel.apply_expert_parallel(model, None, "ep")
+    bounds = stage_bounds(model, pp)
+    assert stage_layers(cfg, pp, 1, ep) == [list(range(bounds[s], bounds[s + 1])) for s in range(pp)]
+
+
 def test_each_pipeline_stage_holds_its_blocks_embedding_first_head_last():
     """Stage weights against a real (meta-device) model's modules: stage 0 the embedding, the last
     the final norm and head, each its contiguous run of blocks; bf16 weights."""
@@ -302,7 +324,7 @@ def test_each_pipeline_stage_holds_its_blocks_embedding_first_head_last():
     with torch.device("meta"):
         model = Transformer(cfg)
     lay = Layout(model="k2-2b", gpus=4, pp=4, seq_len=1024)
-    layers = chunk_layers(cfg.num_layers, 4, 1)
+    layers = stage_layers(cfg, 4, 1, 1)
     assert layers == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
     for s in range(4):
         modules = [model.layers[i] for i in layers[s]] + [model.embed_tokens] * (s == 0) + [model.norm, model.lm_head] * (s == 3)

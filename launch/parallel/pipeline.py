@@ -10,7 +10,8 @@ Each `PipelineStage` holds the Transformer's own modules under the Transformer's
 stage's `named_parameters()` are those of the full model ("layers.3.self_attn..."), and the model
 code is unchanged. The stages go to `deepspeed.pipe.PipelineModule` one per pipeline layer, so
 DeepSpeed's partitioner has nothing to decide; the cut is ours: balanced by parameter count
-(DeepSpeed's `partition_balanced` over embed, each block, head) or an explicit blocks-per-stage list.
+(launch/parallel/stage_cut.py over embed, each block, head: the cut launch.plan models too) or an
+explicit blocks-per-stage list.
 `PipelineEngine.train_batch` runs DeepSpeed's TrainSchedule (1F1B: each stage alternates one
 forward and one backward once the pipe is full, so at most pp micro-batches are in flight).
 
@@ -64,6 +65,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from launch.parallel import state_shards
 from launch.parallel.distributed import all_reduce_router_counts
 from launch.parallel.engine import StepResult, split_expert_param_groups
+from launch.parallel.stage_cut import balanced_block_bounds
 from launch.parallel.zero_muon import ZeroMuon, zero_row_scaler
 from moe.config import ConfigError, ModelConfig
 from moe.layers import rope_cos_sin
@@ -126,7 +128,8 @@ def stage_bounds(model: Transformer, pp_size: int, blocks_per_stage: list[int] |
     """Block boundaries [0, b1, ..., L] of the pp_size stages (stage s runs blocks [b_s, b_{s+1})).
 
     Without `blocks_per_stage` the cut balances parameters: the embedding (stage 0), each block and
-    the norm + head (last stage) are weighed by their parameter counts."""
+    the norm + head (last stage) are weighed by their parameter counts on this rank (after expert
+    parallelism took its slice), as stage_cut.balanced_block_bounds cuts them."""
     L = len(model.layers)
     if blocks_per_stage is not None:
         if len(blocks_per_stage) != pp_size or any(n < 0 for n in blocks_per_stage) or sum(blocks_per_stage) != L:
@@ -136,16 +139,12 @@ def stage_bounds(model: Transformer, pp_size: int, blocks_per_stage: list[int] |
         for n in blocks_per_stage:
             bounds.append(bounds[-1] + n)
     else:
-        from deepspeed.runtime.utils import partition_balanced
-
         if pp_size > L + 2:
             raise ConfigError(f"pp_size = {pp_size} exceeds num_layers + 2 = {L + 2} (embedding, blocks, head): "
                               "some stage would hold nothing")
         count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
-        weights = [count(model.embed_tokens), *(count(b) for b in model.layers), count(model.norm, model.lm_head)]
-        parts = partition_balanced(weights, pp_size)  # item boundaries; item 0 is the embedding
-        bounds = [min(max(int(p) - 1, 0), L) for p in parts]
-        bounds[0], bounds[-1] = 0, L
+        bounds = balanced_block_bounds(count(model.embed_tokens), [count(b) for b in model.layers],
+                                       count(model.norm, model.lm_head), pp_size)
     for s in range(1, pp_size - 1):
         if bounds[s] == bounds[s + 1]:
             raise ConfigError(f"pipeline stage {s} of {pp_size} would hold no block (block boundaries {bounds}); "

@@ -65,8 +65,8 @@ def stage_memory(cfg: ModelConfig, lay: Layout, stage: int, layers: list[int]) -
         # Saved for backward, per micro-batch times the micro-batches in flight at the stage's peak.
         "activations": mb * in_flight(lay.pp, lay.vpp, lay.microbatches, stage),
         # full recompute rebuilds one block's saved tensors at a time during backward.
-        "recompute_working_set": tokens * max(layer_bytes(cfg, layer, a, dataclasses.replace(lay, recompute="none"))
-                                              for layer in layers) if lay.recompute == "full" else 0.0,
+        "recompute_working_set": tokens * max((layer_bytes(cfg, layer, a, dataclasses.replace(lay, recompute="none"))
+                                               for layer in layers), default=0) if lay.recompute == "full" else 0.0,
         # The head's [b, T, V] output held by the caller and its fp32 gradient (last stage only).
         "logits": tokens * cfg.vocab_size * (a + 4) if last else 0.0,
         "comm_buffers": _comm_buffers(cfg, lay, layers, n, w, g, a),
@@ -150,7 +150,7 @@ def _comm_buffers(cfg: ModelConfig, lay: Layout, layers: list[int], n: dict, w: 
     if lay.pp > 1:
         total += 4 * tokens * D * a
     if lay.zero == 3 and lay.gpus > 1:
-        total += w * max(sum(layer_params(cfg, layer).values()) for layer in layers)
+        total += w * max((sum(layer_params(cfg, layer).values()) for layer in layers), default=0)
     return total
 
 

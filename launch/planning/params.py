@@ -6,6 +6,7 @@ other matrix Muon). Also which blocks each pipeline rank holds.
 
 from __future__ import annotations
 
+from launch.parallel.stage_cut import balanced_block_bounds
 from moe.config import ModelConfig
 
 
@@ -25,11 +26,21 @@ def layer_params(cfg: ModelConfig, layer: int) -> dict:
             "experts": cfg.num_experts * 3 * D * cfg.moe_intermediate_size}
 
 
-def chunk_layers(num_layers: int, pp: int, vpp: int) -> list[list[int]]:
-    """Blocks of each pipeline rank: model chunk c of pp*vpp (contiguous, as even as can be) goes to
-    rank c % pp, so rank s holds chunks s, s + pp, ... (Megatron's interleaved placement)."""
+def stage_layers(cfg: ModelConfig, pp: int, vpp: int, ep: int) -> list[list[int]]:
+    """Blocks of each pipeline rank. Plain 1F1B (vpp = 1): the cut `launch.train --pp-size` makes,
+    balancing parameter counts with the embedding on stage 0 and the norm + head on the last
+    (launch/parallel/stage_cut.py, weighed after EP's slice as the trainer weighs them), so a stage
+    next to a large vocabulary holds fewer blocks. Interleaved (vpp > 1, modelled only): model chunk c
+    of pp*vpp (contiguous, as even as can be) goes to rank c % pp, so rank s holds chunks s, s + pp,
+    ... (Megatron's interleaved placement)."""
+    if vpp == 1 and pp > 1:
+        V, D = cfg.vocab_size, cfg.hidden_size
+        blocks = [(lambda n: n["matrices"] + n["vectors"] + n["experts"] // ep)(layer_params(cfg, layer))
+                  for layer in range(cfg.num_layers)]
+        bounds = balanced_block_bounds(V * D, blocks, D + V * D, pp)  # the head's count as the trainer's: untied
+        return [list(range(bounds[s], bounds[s + 1])) for s in range(pp)]
     chunks = pp * vpp
-    bounds = [c * num_layers // chunks for c in range(chunks + 1)]
+    bounds = [c * cfg.num_layers // chunks for c in range(chunks + 1)]
     return [[layer for c in range(s, chunks, pp) for layer in range(bounds[c], bounds[c + 1])] for s in range(pp)]
 
 
