@@ -10,7 +10,9 @@ The measurements are tests/test_plan.py's (imported from there, so the two canno
                starts plus torch.profiler's highest net allocation during it;
   deepspeed    2 gloo ranks under DeepSpeed ZeRO-1/2 (and EP = 2): the same peak per rank (median of
                three steps, collectives settled so gloo's worker thread frees nothing unrecorded),
-               and the persistent terms by owner (tests/dist/plan_memory_check.py).
+               and the persistent terms by owner (tests/dist/plan_memory_check.py);
+  pipeline     2 gloo ranks as the 2 stages of DeepSpeed's pipeline engine (1F1B, ZeRO-1, 4 micro-batches),
+               built as launch.train builds them: the same, per stage (tests/dist/plan_pipeline_check.py).
 A CPU process's RSS is mostly the interpreter and torch's own code; these are the tensor bytes only.
 """
 
@@ -106,9 +108,31 @@ def deepspeed_rows() -> list[dict]:
     return rows
 
 
+def pipeline_rows() -> list[dict]:
+    from harness import torchrun_json
+
+    from launch.plan import stage_memory
+
+    header("2 pipeline stages under DeepSpeed (gloo), per stage")
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = torchrun_json("plan_pipeline_check.py", Path(tmp), timeout=300)
+    rows = []
+    for rank in ranks:
+        for key, case in rank["cases"].items():
+            lay = Layout(model=case["model"], gpus=2, pp=rank["pp"], zero=1, optimizer=case["optimizer"],
+                         precision="fp32", kernels="cpu", seq_len=rank["T"], micro_batch=rank["B"],
+                         global_batch_tokens=rank["B"] * rank["T"] * rank["GA"], bucket_elems=rank["bucket"])
+            memory, stage = plan(lay)["memory"], case["stage"]
+            phases = stage_memory(lay.model_config(), lay, stage, memory["stage_layers"][stage])
+            for term in ("weights", "fp32_masters", "optimizer_state"):
+                rows.append(row(f"stage {stage} {key} {term}", phases["persistent"][term], case[term]))
+            rows.append(row(f"stage {stage} {key} peak", memory["stage_totals"][stage], case["peak"]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-distributed", action="store_true", help="skip the 2-rank DeepSpeed runs (~30 s)")
+    parser.add_argument("--no-distributed", action="store_true", help="skip the 2-rank DeepSpeed runs (~90 s)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "plan-validation-cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -117,6 +141,7 @@ def main() -> None:
               "state": state_rows(), "activations": activation_rows(), "peak": peak_rows()}
     if not args.no_distributed:
         result["deepspeed"] = deepspeed_rows()
+        result["pipeline"] = pipeline_rows()
     worst = {k: max(abs(r["rel_error"]) for r in v) for k, v in result.items() if isinstance(v, list)}
     result["worst_abs_rel_error"] = worst
     result["seconds"] = time.time() - start

@@ -25,9 +25,10 @@ Precision, as the stack runs it (launch/train.py, launch/parallel/deepspeed_conf
 
 Pipeline parallelism: launch.train --pp-size runs plain 1F1B (DeepSpeed's pipeline engine), and the
 stages planned here hold the blocks its cut gives them (launch/parallel/stage_cut.py: parameters
-balanced, the embedding on stage 0, the norm and head on the last). Virtual stages (vpp > 1) are
-modelled, not run. The pipeline's activation, p2p and bubble terms have not been checked against a
-measured pipelined run. 1F1B keeps up to p - s micro-batches of stage s in flight, and the bubble is (p-1)/(m+p-1) for m micro-batches; with v
+balanced, the embedding on stage 0, the norm and head on the last). Each stage's memory was checked
+against a 2-stage run on CPU in fp32 (tests/dist/plan_pipeline_check.py); the bubble and any bf16 or
+GPU pipeline were not. Virtual stages (vpp > 1) are modelled, not run. 1F1B keeps up to p - s
+micro-batches of stage s in flight, and the bubble is (p-1)/(m+p-1) for m micro-batches; with v
 virtual stages (Megatron-LM's interleaved schedule, Narayanan et al. 2021 §2.2) the bubble is
 (p-1)/(v*m+p-1) and stage s warms up with 2(p-s-1) + (v-1)p chunks of 1/v of its layers.
 

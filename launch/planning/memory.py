@@ -68,7 +68,11 @@ def stage_memory(cfg: ModelConfig, lay: Layout, stage: int, layers: list[int]) -
         "recompute_working_set": tokens * max((layer_bytes(cfg, layer, a, dataclasses.replace(lay, recompute="none"))
                                                for layer in layers), default=0) if lay.recompute == "full" else 0.0,
         # The head's [b, T, V] output held by the caller and its fp32 gradient (last stage only).
-        "logits": tokens * cfg.vocab_size * (a + 4) if last else 0.0,
+        # Under a pipeline, twice: DeepSpeed's 1F1B keeps at least two pipe buffers on every stage
+        # (TrainSchedule.num_pipe_buffers), so the last stage still holds the previous micro-batch's
+        # when it makes the next one's. Measured on CPU fp32 (tests/dist/plan_pipeline_check.py): the
+        # last stage's peak exceeded the single count by this term plus 0.3%, at vocabularies 512 and 4096.
+        "logits": tokens * cfg.vocab_size * (a + 4) * (2 if lay.pp > 1 else 1) if last else 0.0,
         "comm_buffers": _comm_buffers(cfg, lay, layers, n, w, g, a),
     }
     step = {
