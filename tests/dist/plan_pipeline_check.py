@@ -20,7 +20,6 @@ from harness import write_result
 from settled_collectives import settle_collectives
 from launch.parallel.deepspeed_config import build_deepspeed_config
 from launch.parallel.distributed import init_distributed
-from launch.parallel.engine import finish_step
 from launch.parallel.pipeline import build_pipeline_module, build_pipeline_stepper
 from moe.config import preset
 from moe.model import Transformer
