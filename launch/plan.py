@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _blocks(layers: list[int]) -> str:
-    """", blocks 4-7" for a stage's contiguous run; "" for the whole model or none of its blocks."""
+    """", blocks 4-7" for a stage's contiguous run, ", 4 blocks" for an interleaved stage's chunks,
+    ", no block" for a first or last stage that holds only the embedding or the head."""
     if not layers:
         return ", no block"
     if layers != list(range(layers[0], layers[-1] + 1)):
