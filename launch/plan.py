@@ -49,7 +49,7 @@ from dataclasses import dataclass, fields
 from launch.planning.memory import dtype_bytes, peak_bytes, stage_memory
 from launch.planning.params import param_totals, stage_layers, stage_params
 from launch.planning.step_time import FABRICS, GPUS, step_estimate
-from launch.parallel.recompute import MODES as RECOMPUTE_MODES
+from launch.parallel.recompute_modes import MODES as RECOMPUTE_MODES
 from moe.config import PRESETS, ConfigError, ModelConfig, check_field_types, doc_field, preset
 
 GIB = 2**30

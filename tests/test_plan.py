@@ -400,3 +400,14 @@ def test_step_estimate_links_volumes_and_mfu():
         assert 0 < step["mfu"] < 0.135  # never above the assumed compute efficiency
     one = plan_anyway(Layout(model="k2-2b", gpu="h100", seq_len=4096))["step"]
     assert one["all_to_all_bytes"] == one["dp_reduce_bytes"] == one["pipeline_p2p_bytes"] == 0
+
+
+def test_the_planner_imports_no_torch():
+    """launch.plan is arithmetic on a config: it must start in a fraction of a second, with no torch
+    (1.1 s of import on a 2-core CPU) and no DeepSpeed, on a laptop or a login node."""
+    import subprocess
+
+    probe = "import sys, launch.plan; print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"

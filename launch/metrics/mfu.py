@@ -7,9 +7,12 @@ parameter (forward 2, backward 4) plus causal attention's score and value produc
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from moe.config import ModelConfig
+
+if TYPE_CHECKING:  # imported where a device is asked about, so launch.plan never loads torch
+    import torch
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
@@ -25,5 +28,7 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     """This GPU's bf16 peak, or None off GPU or for a GPU not in the table (then no MFU is logged)."""
     if device.type != "cuda":
         return None
+    import torch
+
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)

@@ -50,13 +50,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from launch.parallel.recompute_modes import MODES
 from moe.attention import MLA
 from moe.layers import MLP
 from moe.model import Block, Transformer
 from moe.moe import MoE
 from moe.router import Router
-
-MODES = ("none", "selective", "full")
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:
