@@ -156,3 +156,17 @@ def test_only_rank_0_hashes_the_source_of_a_replicated_run(base, tmp_path):
              nproc=2, timeout=400)
     assert hashed_by_rank(counts) == {0: files, 1: []}
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("entry", ["verify_source", "part_source", "load_pretrained"])
+def test_a_runs_source_is_hashed_once(base, monkeypatch, entry):
+    """Given a run directory, finding its newest good checkpoint verifies it (store.find_resumable):
+    loading from it must not read every file again to hash it a second time."""
+    from launch.checkpoint import pretrained, store
+
+    hashed, hash_file = [], store._digest
+    monkeypatch.setattr(store, "_digest", lambda path: hashed.append(path.name) or hash_file(path))
+    getattr(pretrained, entry)(str(base / "one"))
+    ckpt = next((base / "one" / "checkpoints").glob("step_*"))
+    files = sorted(e["file"] for e in json.loads((ckpt / "manifest.json").read_text())["files"])
+    assert sorted(hashed) == files

@@ -50,24 +50,26 @@ def _from_checkpoint(ckpt: Path, check_digests: bool) -> Pretrained:
     return Pretrained(model, _tokenizer(run_tokenizer_file(ckpt)), str(ckpt))
 
 
-def locate(path: str) -> tuple[str, Path]:
-    """("checkpoint", a step_* checkpoint directory) or ("hf", a Hugging Face directory) for what
-    `path` names: a run directory (its newest good checkpoint), a checkpoints/ directory, one
-    checkpoint, or a Hugging Face directory (config.json + safetensors). ConfigError when it is none
-    of these, or a CheckpointError when a run holds no usable checkpoint. Reads no weights."""
+def locate(path: str) -> tuple[str, Path, bool]:
+    """("checkpoint", a step_* checkpoint directory, verified) or ("hf", a Hugging Face directory,
+    False) for what `path` names: a run directory (its newest good checkpoint), a checkpoints/
+    directory, one checkpoint, or a Hugging Face directory (config.json + safetensors). ConfigError
+    when it is none of these, or a CheckpointError when a run holds no usable checkpoint. `verified`
+    says every file of the checkpoint was hashed against its manifest here: finding a run's newest
+    good checkpoint verifies it, so the caller need not read it all again. One named directly is not."""
     where = Path(path).expanduser()
     if not where.is_dir():
         raise ConfigError(f"{path!r} is not a directory; give a run directory, a checkpoint or a Hugging Face directory")
     if (where / "manifest.json").is_file():
-        return "checkpoint", where
+        return "checkpoint", where, False
     if run_dir.is_ours(where) or where.name == "checkpoints":
         root = where / "checkpoints" if run_dir.is_ours(where) else where
         found, damaged = checkpoint.find_resumable(root, {}, log=lambda m: print(m, file=sys.stderr))
         if found is None:
             raise checkpoint.CheckpointError(f"{root}: no complete checkpoint to load (has the run saved one yet?)")
-        return "checkpoint", found
+        return "checkpoint", found, True
     if (where / "config.json").is_file():
-        return "hf", where
+        return "hf", where, False
     raise ConfigError(
         f"{path!r} holds no run of ours (run.json), no checkpoint (manifest.json) and no Hugging Face model "
         "(config.json); give a run directory, one of its checkpoints, or an exported --hf-dir"
@@ -80,8 +82,8 @@ def verify_source(path: str) -> str:
     then read that very checkpoint with `check_digests=False` (hashing on every rank would read the
     whole source once per rank; at K2's size that is terabytes each). A Hugging Face directory has no
     digests to check; its config and tensor headers are checked where it is read."""
-    kind, where = locate(path)
-    if kind == "checkpoint":
+    kind, where, verified = locate(path)
+    if kind == "checkpoint" and not verified:
         checkpoint.verify(where, {})
     return str(where)
 
@@ -115,7 +117,7 @@ def part_source(path: str, check_digests: bool = True) -> PartSource | None:
     load_pretrained reads whole. `check_digests=False` checks a checkpoint's manifest, not its files'
     SHA-256: for the ranks of a job whose rank 0 has verified that very checkpoint (hashing every
     file on every rank would read the whole checkpoint once per rank)."""
-    kind, where = locate(path)
+    kind, where, verified = locate(path)
     if kind == "hf":
         from moe.hf import read_hf_config
 
@@ -124,7 +126,7 @@ def part_source(path: str, check_digests: bool = True) -> PartSource | None:
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from None
         return PartSource(cfg, _tokenizer(where / "tokenizer.json"), where, "hf")
-    manifest = checkpoint.verify(where, {}) if check_digests else checkpoint.read_manifest(where)
+    manifest = checkpoint.verify(where, {}) if check_digests and not verified else checkpoint.read_manifest(where)
     if "shards" not in manifest or "model_config" not in manifest:
         return None
     return PartSource(ModelConfig(**manifest["model_config"]), _tokenizer(run_tokenizer_file(where)), where, "checkpoint")
@@ -135,9 +137,9 @@ def load_pretrained(path: str, check_digests: bool = True) -> Pretrained:
     Hugging Face directory (config.json + safetensors). ConfigError when it is none of these, or a
     CheckpointError when a run holds no usable checkpoint. `check_digests=False` as for `part_source`:
     on the ranks of a job whose rank 0 has run `verify_source` on `path`."""
-    kind, where = locate(path)
+    kind, where, verified = locate(path)
     if kind == "checkpoint":
-        return _from_checkpoint(where, check_digests)
+        return _from_checkpoint(where, check_digests and not verified)
     from moe.hf import import_hf
 
     try:
