@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from optim import adamw, muon, qk_clip
-from optim.muon import Muon, adamw_update, muon_update, split_params, zeropower_via_newtonschulz5
+from optim.muon import Muon, adamw_update, muon_chunks, muon_update, split_params, zeropower_via_newtonschulz5
 from optim.qk_clip import MuonClip, QKClip, clip_factors, mla_row_scales, qk_clip_, reduce_max_logits, scale_rows_
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -126,6 +126,6 @@ def _local_location(top: str) -> str | None:
 
 __all__ = [
     "OPTIMIZERS", "check", "build", "Muon", "MuonClip", "split_params", "zeropower_via_newtonschulz5",
-    "muon_update", "adamw_update", "clip_factors", "mla_row_scales", "scale_rows_", "reduce_max_logits",
+    "muon_update", "muon_chunks", "adamw_update", "clip_factors", "mla_row_scales", "scale_rows_", "reduce_max_logits",
     "qk_clip_", "QKClip",
 ]

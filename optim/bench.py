@@ -70,7 +70,7 @@ def bench_k2_experts(device, experts: int, repeats: int) -> dict:
     out = {}
     for name, (blocks, rows, cols) in {**K2_EXPERT_MATRICES, "fused gate_up_proj (before the split)": K2_FUSED_GATE_UP}.items():
         G = torch.randn(experts * blocks, rows, cols, device=device)
-        seconds = timed(lambda: zeropower_via_newtonschulz5(G), device, repeats)
+        seconds = timed(lambda G=G: zeropower_via_newtonschulz5(G), device, repeats)
         per_expert = seconds / experts
         out[name] = {
             "shape_timed": list(G.shape),

@@ -74,6 +74,36 @@ def matrices(shape: torch.Size, row_blocks: int = 1) -> tuple[int, int, int]:
     return shape.numel() // (rows * N), rows, N
 
 
+# Matrices Newton-Schulz orthogonalises at once, in elements (at least one matrix). Its working set is
+# 3 + 2 min(M, N) / max(M, N) copies of them (the Nesterov blend, X and the next X, and two Gram
+# products; measured, tests/test_plan.py), so a whole expert stack at once would cost that many copies
+# of the stack. Kimi K2's gate_up_proj on one EP-16 rank is 24 experts, 48 matrices of 2048 x 7168
+# (704M elements): 10 GB of fp32 temporaries whole, 0.84 GB in chunks of 2^26 (4 matrices, each still
+# a large GEMM). A smaller stack is one chunk, as before.
+NS_CHUNK_ELEMENTS = 2**26
+
+
+def muon_chunks(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
+                ns_steps: int = 5, ns_dtype: torch.dtype | None = None, row_blocks: int = 1,
+                chunk_elements: int | None = None):
+    """Muon's step direction for one weight [..., M, N], a chunk of its matrices at a time; updates
+    momentum_buf (whole, first). Yields (lo, hi, O) with O [hi - lo, m, n] the direction of matrices
+    [lo, hi) of `matrices(grad.shape, row_blocks)`, in grad's dtype; concatenated over the chunks it
+    is `muon_update`'s result. The caller applies each chunk before asking for the next, so no
+    weight-sized direction is ever held (optim.Muon, launch.parallel.zero_muon). chunk_elements:
+    None reads NS_CHUNK_ELEMENTS when called."""
+    momentum_buf.lerp_(grad, 1 - momentum)
+    count, rows, cols = matrices(grad.shape, row_blocks)
+    grad_BMN, buf_BMN = grad.reshape(count, rows, cols), momentum_buf.reshape(count, rows, cols)
+    per_chunk = max(1, (chunk_elements or NS_CHUNK_ELEMENTS) // (rows * cols))
+    scale = 0.2 * math.sqrt(max(rows, cols))
+    for lo in range(0, count, per_chunk):
+        hi = min(lo + per_chunk, count)
+        # One expression, so the blend is freed inside Newton-Schulz's call, not held past the yield.
+        yield lo, hi, zeropower_via_newtonschulz5(grad_BMN[lo:hi].lerp(buf_BMN[lo:hi], momentum) if nesterov
+                                                  else buf_BMN[lo:hi], ns_steps, ns_dtype).to(grad.dtype).mul_(scale)
+
+
 def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
                 ns_steps: int = 5, ns_dtype: torch.dtype | None = None, row_blocks: int = 1) -> torch.Tensor:
     """The Muon step direction for one weight [..., M, N], RMS-matched to AdamW; updates momentum_buf.
@@ -85,13 +115,14 @@ def muon_update(grad: torch.Tensor, momentum_buf: torch.Tensor, momentum: float 
     row_blocks = k says the weight stacks k separate matrices of M/k rows each (a fused gate and up
     projection: k = 2); each is orthogonalised and RMS-matched on its own, as if stored apart.
     The caller applies W <- W * (1 - lr * wd) - lr * O. With ns_dtype=torch.bfloat16 and k = 1 this
-    is what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does to a 2-D weight.
+    is what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does to a 2-D weight. The optimizers
+    apply `muon_chunks` instead, which computes the same O a chunk of matrices at a time.
     """
-    momentum_buf.lerp_(grad, 1 - momentum)
-    update = grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
-    shape_BMN = matrices(grad.shape, row_blocks)
-    O = zeropower_via_newtonschulz5(update.reshape(shape_BMN), ns_steps, ns_dtype).to(grad.dtype).reshape(grad.shape)
-    return O.mul_(0.2 * math.sqrt(max(shape_BMN[1:])))
+    O = torch.empty_like(grad)
+    O_BMN = O.view(matrices(grad.shape, row_blocks))
+    for lo, hi, O_CMN in muon_chunks(grad, momentum_buf, momentum, nesterov, ns_steps, ns_dtype, row_blocks):
+        O_BMN[lo:hi] = O_CMN
+    return O
 
 
 def adamw_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -188,15 +219,20 @@ class Muon(torch.optim.Optimizer):
                     _init_state(state, p, group["use_muon"])
                 master = state.get("master", p)
                 grad = p.grad.to(master.dtype)
+                # Decay first: the direction reads only the gradient and the state, so W(1 - lr wd) - lr O
+                # is the same whichever is computed first.
+                master.mul_(1 - group["lr"] * group["weight_decay"])
                 if group["use_muon"]:
-                    update = muon_update(grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
-                                         group["ns_steps"], group["ns_dtype"], group["row_blocks"])
+                    # Applied a chunk of matrices at a time: no weight-sized direction is held.
+                    master_BMN = master.view(matrices(master.shape, group["row_blocks"]))
+                    for lo, hi, O_CMN in muon_chunks(grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                                                     group["ns_steps"], group["ns_dtype"], group["row_blocks"]):
+                        master_BMN[lo:hi].add_(O_CMN, alpha=-group["lr"])
+                        del O_CMN  # or it is held while the next chunk is made
                 else:
                     state["step"] += 1
-                    update = adamw_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                          group["betas"], group["eps"])
-                master.mul_(1 - group["lr"] * group["weight_decay"])
-                master.add_(update, alpha=-group["lr"])
+                    master.add_(adamw_update(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                             group["betas"], group["eps"]), alpha=-group["lr"])
                 if master is not p:
                     p.copy_(master)
         return loss

@@ -25,7 +25,8 @@ def parity(tmp_path_factory):
     return torchrun_json("parity_check.py", tmp_path_factory.mktemp("parity"), timeout=300)
 
 
-@pytest.mark.parametrize("case", ["adamw_zero1", "adamw_zero2", "muonclip_zero1", "muonclip_zero2", "ep2_zero2_muonclip"])
+@pytest.mark.parametrize("case", ["adamw_zero1", "adamw_zero2", "muonclip_zero1", "muonclip_zero2", "muonclip_zero1_chunked",
+                                  "ep2_zero2_muonclip"])
 def test_dp2_matches_single_process(parity, case):
     weights_tol = 3e-3 if case.startswith("adamw") else 1e-4
     for rank in parity:

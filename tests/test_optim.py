@@ -2,6 +2,8 @@
 
 import io
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,15 +47,19 @@ def test_newton_schulz_fp32_orthogonalises_each_expert(shape):
             torch.testing.assert_close(O[e], zeropower_via_newtonschulz5(G[e]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 1500])  # all matrices at once; one at a time; 1-3 at a time
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("shape, row_blocks", [(shape, 1) for shape in SHAPES] + [
     ((3, 40, 24), 2),  # a fused gate/up expert stack: each expert's two [20, 24] halves on their own
     ((2, 16, 40), 2),  # the same with wide halves [8, 40]
     ((30, 7), 3),  # a 2-D weight of three row blocks
 ])
-def test_muon_step_matches_torch_optim_muon(shape, row_blocks, nesterov):
+def test_muon_step_matches_torch_optim_muon(shape, row_blocks, nesterov, chunk, monkeypatch):
     """Same gradients for 3 steps: our (batched) Muon vs torch.optim.Muon on each matrix separately
-    (each expert, and each row block of it)."""
+    (each expert, and each row block of it), with Newton-Schulz batched whole or in chunks of matrices
+    (optim.muon.NS_CHUNK_ELEMENTS; a chunk holds at least one matrix)."""
+    if chunk is not None:
+        monkeypatch.setattr(optim.muon, "NS_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(2)
     W0 = torch.randn(shape, generator=gen) * 0.1
     matrix = (-1, shape[-2] // row_blocks, shape[-1])
@@ -78,6 +84,27 @@ def test_muon_step_matches_torch_optim_muon(shape, row_blocks, nesterov):
     ulp_of_step = 0.02 * 0.2 * math.sqrt(max(matrix[1:])) * 2 ** -7
     torch.testing.assert_close(ours.detach(), theirs_W, atol=3 * ulp_of_step, rtol=0)
     assert (ours.detach() - W0).abs().max() > 1e-3  # the steps did move the weights
+
+
+def test_muon_step_holds_one_chunk_of_newton_schulz_not_the_whole_stack(monkeypatch):
+    """The step's temporaries scale with NS_CHUNK_ELEMENTS, not with the expert stack: measured by
+    the profiler's net allocation. Whole, Newton-Schulz holds about five copies of the stack."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_plan import peak_allocated_during
+
+    def step_peak(chunk):
+        monkeypatch.setattr(optim.muon, "NS_CHUNK_ELEMENTS", chunk)
+        gen = torch.Generator().manual_seed(5)
+        W = torch.nn.Parameter(torch.randn(64, 32, 64, generator=gen))
+        opt = Muon([dict(params=[W], use_muon=True, lr=0.02, row_blocks=2)])
+        W.grad = torch.randn(W.shape, generator=gen)
+        opt.step()  # the momentum buffer is made here: measure the next step
+        W.grad = torch.randn(W.shape, generator=gen)
+        return peak_allocated_during(opt.step) / (W.numel() * 4)
+
+    whole, chunked = step_peak(2**26), step_peak(16 * 64)  # chunked: one [16, 64] matrix of 128 at a time
+    assert whole > 3, whole
+    assert chunked < 0.2, chunked
 
 
 def test_muon_fp32_newton_schulz_stays_close_to_torch_bf16():

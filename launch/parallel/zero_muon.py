@@ -5,7 +5,7 @@ ZeRO-1/2 hand the client optimizer one flat fp32 partition per param group: this
 group's data-parallel ranks and clipped. Newton-Schulz on such a slice would orthogonalise
 fragments of matrices. Following Moonlight's Distributed Muon (Liu et al. 2025, "Muon is Scalable
 for LLM Training", §2.3, Algorithm 1), each rank gathers the gradient of every matrix that overlaps
-its slice, runs `optim.muon_update` on those matrices (whole, with their momentum kept by the rank),
+its slice, runs `optim.muon_chunks` on those matrices (whole, with their momentum kept by the rank),
 and applies the update's overlap to its fp32 master slice. AdamW groups are elementwise and run on
 the slice as they are. The maths is `optim.Muon`'s, so one process and N ranks take the same steps
 up to summation order.
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from optim import adamw_update, muon_update, scale_rows_
+from optim import adamw_update, muon_chunks, scale_rows_
 from optim.muon import Muon, matrices
 
 
@@ -106,9 +106,13 @@ class ZeroMuon(torch.optim.Optimizer):
             for part_S in group["params"]:
                 if part_S.grad is None:
                     continue
-                update_S = self._muon(group, part_S) if group["use_muon"] else self._adamw(group, part_S)
+                # Decay first (the direction reads only gradients and state); then the direction is
+                # added to the slice as it is made, never held whole (see _muon).
                 part_S.mul_(1 - group["lr"] * group["weight_decay"])
-                part_S.add_(update_S, alpha=-group["lr"])
+                if group["use_muon"]:
+                    self._muon(group, part_S)
+                else:
+                    part_S.add_(self._adamw(group, part_S), alpha=-group["lr"])
 
     def _adamw(self, group: dict, part_S: torch.Tensor) -> torch.Tensor:
         state = self.state[part_S]
@@ -123,6 +127,8 @@ class ZeroMuon(torch.optim.Optimizer):
         `needs` holds every rank's range, `grad_S` this rank's slice [start, start + S)."""
         S = grad_S.numel()
         need_lo, need_hi = needs[dist.get_rank(pg)]
+        if len(needs) == 1:  # one replica (a pipeline stage without data parallelism): no copy
+            return grad_S[need_lo - start:need_hi - start]
         # To rank r: my slice's overlap with r's needed range; from rank s: s's slice's overlap with mine.
         sends = [(max(lo, start), min(hi, start + S)) for lo, hi in needs]
         send_counts = [max(0, b - a) for a, b in sends]
@@ -132,7 +138,9 @@ class ZeroMuon(torch.optim.Optimizer):
         dist.all_to_all_single(grad_R, send_X, recv_counts, send_counts, group=pg)
         return grad_R
 
-    def _muon(self, group: dict, part_S: torch.Tensor) -> torch.Tensor:
+    def _muon(self, group: dict, part_S: torch.Tensor) -> None:
+        """part_S -= lr * (Muon's direction, on this slice), a chunk of matrices at a time
+        (optim.muon_chunks): besides the gathered gradient, only one chunk's Newton-Schulz is held."""
         if id(part_S) not in self._layout:
             raise RuntimeError("ZeroMuon.attach(engine.optimizer) was not called after deepspeed.initialize")
         pg, start, spans, matrix_numels, needs = self._layout[id(part_S)]
@@ -141,7 +149,6 @@ class ZeroMuon(torch.optim.Optimizer):
         grad_R = self._gather_needed(part_S.grad, pg, start, needs)
         # Momentum of the matrices this rank computes, keyed by the parameter's index in the group.
         momenta = self.state[part_S].setdefault("momentum", {})
-        update_S = torch.zeros_like(part_S)
         for j, ((offset, shape), m) in enumerate(zip(spans, matrix_numels)):
             b_lo, b_hi = overlapping_matrices(offset, shape.numel(), m, start, start + S)
             if b_lo == b_hi:
@@ -150,10 +157,15 @@ class ZeroMuon(torch.optim.Optimizer):
             _, rows, cols = matrices(shape, group["row_blocks"])
             grad = grad_R[first - need_lo:first - need_lo + (b_hi - b_lo) * m].view(b_hi - b_lo, rows, cols)
             buf = momenta[j] = matrix_momentum(momenta.get(j), grad, b_lo, b_hi)
-            full = muon_update(grad, buf, group["momentum"], group["nesterov"], group["ns_steps"], group["ns_dtype"])
-            lo, hi = max(offset, start), min(offset + shape.numel(), start + S)
-            update_S[lo - start:hi - start] = full.reshape(-1)[lo - first:hi - first].to(update_S.dtype)
-        return update_S
+            for c_lo, c_hi, O_CMN in muon_chunks(grad, buf, group["momentum"], group["nesterov"], group["ns_steps"],
+                                                 group["ns_dtype"]):
+                # The chunk covers flat [first + c_lo m, first + c_hi m); this slice takes its overlap.
+                c_first = first + c_lo * m
+                lo, hi = max(c_first, start), min(first + c_hi * m, start + S)
+                if lo < hi:
+                    part_S[lo - start:hi - start].add_(O_CMN.reshape(-1)[lo - c_first:hi - c_first].to(part_S.dtype),
+                                                       alpha=-group["lr"])
+                del O_CMN  # or it is held while the next chunk is made
 
 
 def zero_row_scaler(param: nn.Parameter, scale_P: torch.Tensor) -> None:

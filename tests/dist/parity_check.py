@@ -2,7 +2,8 @@
 
 1. DP=2 under ZeRO-1 and ZeRO-2, with AdamW and with MuonClip (QK-clip active), against the
    single-process stepper on the same global batch (every rank runs the reference itself on the
-   whole batch): per-step losses and final weights.
+   whole batch): per-step losses and final weights. Once more with ZeroMuon's Newton-Schulz run a
+   matrix at a time (optim.muon.NS_CHUNK_ELEMENTS = 1).
 2. QK-clip under ZeRO rescales the fp32 masters: two engines from the same start and batch, tau
    huge vs tau small; after one step the small-tau master rows equal the huge-tau ones times
    the clip factors, read back with safe_get_full_fp32_param, and the working weights follow.
@@ -106,6 +107,20 @@ for opt_name, tau in (("adamw", None), ("muonclip", 0.05)):
         }
     if opt_name == "muonclip":
         record["clipped_heads_last_step"] = int((ref.optimizer.last_max_logits_LH > tau).sum())
+        # ZeroMuon's Newton-Schulz one matrix at a time (a chunk per matrix; the slice boundary falls
+        # inside a chunk's matrices) against the reference's, batched whole.
+        optim.muon.NS_CHUNK_ELEMENTS, whole = 1, optim.muon.NS_CHUNK_ELEMENTS
+        model = fresh_model()
+        ds = build_deepspeed_config(micro_batch_size=MBS, grad_accum=GA, dp_size=world, grad_clip=1.0,
+                                    zero_stage=1, bf16=False)
+        st = build_deepspeed_stepper(model, optimizer(opt_name, model, tau), ds, expert_parallel=False)
+        losses = run(st, shard=True)
+        optim.muon.NS_CHUNK_ELEMENTS = whole
+        record["muonclip_zero1_chunked"] = {
+            "ref": ref_losses, "dp": losses,
+            "loss_rel": max(abs(a - b) / abs(a) for a, b in zip(losses, ref_losses)),
+            "weights_rel": rel(full_weights(st), ref_w),
+        }
 
 # 2. QK-clip on the fp32 masters.
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
