@@ -11,8 +11,9 @@ The measurements are tests/test_plan.py's (imported from there, so the two canno
   deepspeed    2 gloo ranks under DeepSpeed ZeRO-1/2 (and EP = 2): the same peak per rank (median of
                three steps, collectives settled so gloo's worker thread frees nothing unrecorded),
                and the persistent terms by owner (tests/dist/plan_memory_check.py);
-  pipeline     2 gloo ranks as the 2 stages of DeepSpeed's pipeline engine (1F1B, ZeRO-1, 4 micro-batches),
-               built as launch.train builds them: the same, per stage (tests/dist/plan_pipeline_check.py).
+  pipeline     2, 3 and 4 gloo ranks as the stages of DeepSpeed's pipeline engine (1F1B, ZeRO-1,
+               4 or 5 micro-batches), built as launch.train builds them: the same, per stage
+               (tests/dist/plan_pipeline_check.py; the runs are tests/test_plan.py's PIPELINE_RUNS).
 A CPU process's RSS is mostly the interpreter and torch's own code; these are the tensor bytes only.
 """
 
@@ -32,7 +33,8 @@ import torch  # noqa: E402
 from launch.plan import Layout, plan  # noqa: E402
 from moe.config import preset  # noqa: E402
 from moe.model import Transformer  # noqa: E402
-from test_plan import local_expert_model, measured_peak, one_step, saved_activation_bytes  # noqa: E402
+from test_plan import (PIPELINE_RUNS, local_expert_model, measured_peak, one_step, pipeline_stage_rows,  # noqa: E402
+                       saved_activation_bytes)
 
 STATE_RUNS = [("tiny", "adamw", 1), ("tiny", "muon", 1), ("tiny", "muonclip", 1), ("small", "adamw", 1),
               ("small", "muonclip", 1), ("tiny", "muon", 2), ("small", "adamw", 4)]
@@ -111,22 +113,15 @@ def deepspeed_rows() -> list[dict]:
 def pipeline_rows() -> list[dict]:
     from harness import torchrun_json
 
-    from launch.plan import stage_memory
-
-    header("2 pipeline stages under DeepSpeed (gloo), per stage")
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = torchrun_json("plan_pipeline_check.py", Path(tmp), timeout=300)
     rows = []
-    for rank in ranks:
-        for key, case in rank["cases"].items():
-            lay = Layout(model=case["model"], gpus=2, pp=rank["pp"], zero=1, optimizer=case["optimizer"],
-                         precision="fp32", kernels="cpu", seq_len=rank["T"], micro_batch=rank["B"],
-                         global_batch_tokens=rank["B"] * rank["T"] * rank["GA"], bucket_elems=rank["bucket"])
-            memory, stage = plan(lay)["memory"], case["stage"]
-            phases = stage_memory(lay.model_config(), lay, stage, memory["stage_layers"][stage])
+    for pp, T, GA, cases in PIPELINE_RUNS:
+        header(f"{pp} pipeline stages under DeepSpeed (gloo), per stage, T={T}, {GA} micro-batches")
+        with tempfile.TemporaryDirectory() as tmp:
+            ranks = torchrun_json("plan_pipeline_check.py", Path(tmp), str(T), str(GA), *cases, nproc=pp, timeout=300)
+        for stage, key, case, phases, planned, _ in pipeline_stage_rows(ranks):
             for term in ("weights", "fp32_masters", "optimizer_state"):
-                rows.append(row(f"stage {stage} {key} {term}", phases["persistent"][term], case[term]))
-            rows.append(row(f"stage {stage} {key} peak", memory["stage_totals"][stage], case["peak"]))
+                rows.append(row(f"pp {pp} stage {stage} {key} {term}", phases["persistent"][term], case[term]))
+            rows.append(row(f"pp {pp} stage {stage} {key} peak", planned, case["peak"]))
     return rows
 
 

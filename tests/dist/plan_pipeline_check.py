@@ -1,4 +1,4 @@
-"""What each stage of a 2-stage pipeline really holds on 2 CPU processes (DeepSpeed's pipeline
+"""What each stage of a pipeline really holds on CPU processes, one per stage (DeepSpeed's pipeline
 engine, 1F1B, ZeRO-1 inside each stage), for tests/test_plan.py. Built as launch.train builds it:
 the model on meta, each rank allocating its own stage, the stage's optimizer from optim.build.
 
@@ -10,6 +10,7 @@ The collectives, the pipeline's send and recv among them, are settled first
 (tests/dist/settled_collectives.py).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_plan import live_tensor_bytes, peak_allocated_during, storage_bytes  # noqa: E402  tests/test_plan.py's measures
 
 settle_collectives()
-out_dir = sys.argv[1]
-PP = 2
+# OUT_DIR T GA [MODEL:OPTIMIZER ...]; the stages are the processes torchrun starts.
+out_dir, T, GA, cases = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [c.split(":") for c in sys.argv[4:]]
+PP = int(os.environ["WORLD_SIZE"])
 info = init_distributed(torch.device("cpu"), ep_size=1, timeout_s=120, pp_size=PP)
-B, T, GA = 2, 64, 4  # 4 micro-batches: stage 0 of 1F1B holds 2 in flight at its peak
+B = 2  # stage s of 1F1B holds min(PP - s, GA) micro-batches in flight at its peak
 BUCKET = 2**18  # as plan_memory_check.py: DeepSpeed's default bucket would hide every other term
 
 
@@ -44,7 +46,7 @@ def _tensors(state):
 
 
 record = {}
-for name, opt_name in (("tiny", "adamw"), ("small", "muon")):
+for name, opt_name in cases:
     before = live_tensor_bytes()
     with torch.device("meta"):
         whole = Transformer(preset(name))
