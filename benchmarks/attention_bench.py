@@ -3,7 +3,7 @@
 A script, not a test: prints a table and writes JSON (default benchmarks/attention-<gpu>.json).
 For each shape (B = 1, H heads, T tokens, Q = 192 query/key dims, V = 128 value dims, bf16) it
 times, forward alone and forward+backward:
-  flash           our Triton kernel (`kernels.attention.flash_attention`), each head's max logit included
+  flash           our Triton kernel (`kimi_kernels.attention.flash_attention`), each head's max logit included
   sdpa            F.scaled_dot_product_attention(is_causal=True) as MLA calls it off our kernel,
                   and the same pinned to each backend torch has (flash, efficient, cudnn; one that
                   refuses Q != V or the GPU is recorded with its reason), and torch's flash backend
@@ -31,8 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from kernels.attention import flash_attention as fa  # noqa: E402
-from kernels.bench import cuda_time_ms  # noqa: E402
+from kimi_kernels.attention import flash_attention as fa  # noqa: E402
+from kimi_kernels.bench import cuda_time_ms  # noqa: E402
 from moe.attention import MLA  # noqa: E402
 
 Q_DIM, V_DIM = 192, 128  # K2: qk_nope_head_dim + qk_rope_head_dim, v_head_dim

@@ -6,10 +6,10 @@ it), exports it to transformers' DeepseekV3ForCausalLM (moe.hf.export_hf: identi
 checked by comparing logits), and times on --batch x --seq random tokens:
   step  one training step of each model: forward, the same cross-entropy on its logits, backward,
         torch.optim.AdamW step; ours, ours_reference (our model with KIMI_EXPERT_FFN=reference: the
-        CPU path before kernels.experts.cpu_ffn) and hf (whatever experts/attention implementation
+        CPU path before kimi_kernels.experts.cpu_ffn) and hf (whatever experts/attention implementation
         from_pretrained picks, recorded in the JSON).
   ffn   the routed experts alone, forward+backward on the same tokens, routing and weights:
-        ours (kernels.expert_ffn, the CPU path), reference (kernels.experts.reference), and transformers'
+        ours (kimi_kernels.expert_ffn, the CPU path), reference (kimi_kernels.experts.reference), and transformers'
         DeepseekV3Experts with its grouped_mm and eager implementations.
 The machine may be shared, so implementations are interleaved (order alternating per round), every
 time is kept, medians are reported, and the load average is written at start and end.
@@ -35,9 +35,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Exper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import kernels  # noqa: E402
-from kernels.experts.reference import expert_ffn_reference  # noqa: E402
-from kernels.testing import make_problem  # noqa: E402
+import kimi_kernels  # noqa: E402
+from kimi_kernels.experts.reference import expert_ffn_reference  # noqa: E402
+from kimi_kernels.testing import make_problem  # noqa: E402
 from moe.config import preset  # noqa: E402
 from moe.hf import export_hf, to_hf_config  # noqa: E402
 from moe.model import Transformer, eval_mode  # noqa: E402
@@ -78,7 +78,7 @@ def step_fn(model, opt, inputs_BT, targets_BT, V):
 
 
 def forcing_reference(fn):
-    """`fn` run with the expert FFN forced to kernels.experts.reference (kernels.expert_ffn's switch)."""
+    """`fn` run with the expert FFN forced to kimi_kernels.experts.reference (kimi_kernels.expert_ffn's switch)."""
     def run():
         os.environ["KIMI_EXPERT_FFN"] = "reference"
         try:
@@ -103,7 +103,7 @@ def time_steps(cfg, args) -> dict:
     ours.train(), hf.train()
     steps = {name: step_fn(m, torch.optim.AdamW(m.parameters(), lr=1e-4), inputs_BT, targets_BT, cfg.vocab_size)
              for name, m in (("ours", ours), ("hf", hf))}
-    steps["ours_reference"] = forcing_reference(steps["ours"])  # the CPU path before kernels.experts.cpu_ffn
+    steps["ours_reference"] = forcing_reference(steps["ours"])  # the CPU path before kimi_kernels.experts.cpu_ffn
     times = interleaved(steps, args.repeats)
     return {"logits_max_abs_diff_before": logits_diff,
             "hf_experts_implementation": hf.config._experts_implementation,
@@ -128,7 +128,7 @@ def time_ffn(cfg, args) -> dict:
     dy_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
     hf = {name: hf_experts(cfg, name, gate_up_EFD, down_EDF) for name in ("grouped_mm", "eager")}
     impls = {
-        "ours": lambda: kernels.expert_ffn(x_TD, ids_TK, w_TK, gate_up_EFD, down_EDF),
+        "ours": lambda: kimi_kernels.expert_ffn(x_TD, ids_TK, w_TK, gate_up_EFD, down_EDF),
         "reference": lambda: expert_ffn_reference(x_TD, ids_TK, w_TK, gate_up_EFD, down_EDF),
         "hf_grouped_mm": lambda: hf["grouped_mm"](x_TD, ids_TK, w_TK),
         "hf_eager": lambda: hf["eager"](x_TD, ids_TK, w_TK),

@@ -38,13 +38,13 @@ for s in $steps; do
         tests) step kernel_tests python -m pytest -q -p no:cacheprovider \
                    $(python -c "import xdist" 2>/dev/null && echo "-n 8") \
                    tests/test_kernels_gemm.py tests/test_kernels_ffn.py tests/test_kernels_stage_choice.py tests/test_rms_norm.py tests/test_weight_casts.py ;;
-        target) step kernels_target python -m kernels.bench --quick --out "$out/kernels-target.json" ;;
+        target) step kernels_target python -m kimi_kernels.bench --quick --out "$out/kernels-target.json" ;;
         optim) step optim python -m optim.bench --experts 8 --out "$out/optim-gpu.json" ;;
-        grid) step kernels_grid python -m kernels.bench --out "$out/kernels-grid.json" ;;
+        grid) step kernels_grid python -m kimi_kernels.bench --out "$out/kernels-grid.json" ;;
         profile) step profile ncu --profile-from-start off --csv --page details --log-file "$out/profile.csv" \
                      --section SpeedOfLight --section Occupancy --section LaunchStats \
                      --section WarpStateStats --section MemoryWorkloadAnalysis \
-                     python -m kernels.profile ;;
+                     python -m kimi_kernels.profile ;;
         decode) step decode python benchmarks/decode_bench.py --preset k2-2b --out "$out/decode-cuda.json" ;;
         rl) step rl_small python benchmarks/rl_bench.py --preset small --out "$out/rl-small-cuda.json"
             step rl_k2_2b python benchmarks/rl_bench.py --preset k2-2b --prompts 8 --response-tokens 256 \

@@ -13,10 +13,10 @@ Switches: attention (flash | sdpa), expert_ffn (kernel | reference), loss_chunk 
 logits), recompute (none | selective | full), optimizer (a registry name), compile (0 | 1),
 weight_casts (step: bf16 weight copies made once per optimizer step | micro: once per micro-batch),
 norm (kernel: the Triton RMSNorm on CUDA | reference), expert_stages (auto: each expert-FFN stage on our
-kernel or torch._grouped_mm, whichever times faster | triton | grouped_mm; kernels/experts/stage_choice.py).
+kernel or torch._grouped_mm, whichever times faster | triton | grouped_mm; kimi_kernels/experts/stage_choice.py).
 The default variant, always run first, is attention=flash, expert_ffn=kernel, loss_chunk=0,
 recompute=none, optimizer=muonclip, compile=0, weight_casts=step, norm=kernel, expert_stages=auto (on CPU "flash" and "kernel" mean SDPA and the CPU
-grouped-GEMM path: kernels/__init__.py chooses by device).
+grouped-GEMM path: kimi_kernels/__init__.py chooses by device).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 @contextmanager
 def kernel_choice(switches: dict):
-    """The kernels' environment switches (kernels/__init__.py reads them at each call) for one variant."""
+    """The kernels' environment switches (kimi_kernels/__init__.py reads them at each call) for one variant."""
     saved = {k: os.environ.get(k) for k in ("KIMI_ATTENTION", "KIMI_EXPERT_FFN", "KIMI_RMSNORM", "KIMI_EXPERT_STAGES")}
     os.environ["KIMI_EXPERT_STAGES"] = switches["expert_stages"]
     os.environ["KIMI_ATTENTION"] = switches["attention"]

@@ -90,7 +90,7 @@ class Layout:
     recompute: str = doc_field("none", "activation recompute: none | selective (norms, SwiGLU, MLA up-projections) "
                                        "| full (only each block's input is kept)")
     kernels: str = doc_field("gpu", "whose saved tensors are counted: gpu (Triton expert FFN, fused SDPA) | "
-                                    "cpu (kernels/experts/cpu_ffn.py or the reference, SDPA's math path with T x T scores)")
+                                    "cpu (kimi_kernels/experts/cpu_ffn.py or the reference, SDPA's math path with T x T scores)")
     gpu: str = doc_field("h800", "GPU preset: " + ", ".join(GPUS))
     fabric: str = doc_field("8x400g", "inter-node network preset (per 8-GPU node): " + ", ".join(FABRICS))
     bucket_elems: float = doc_field(5e8, "DeepSpeed's reduce/all-gather bucket, elements (its default 5e8)")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import kimi_kernels
 from moe.cache import LayerCache
 from moe.config import ModelConfig
 from moe.layers import RMSNorm, apply_rope
@@ -73,8 +73,8 @@ class MLA(nn.Module):
         B, T, _ = x_BTD.shape
         q_BHTQ, k_BHTQ, v_BHTV = self.qkv(x_BTD, cos_TR, sin_TR)
         max_H = None  # filled by the kernel where it reports the max logit as a by-product
-        if visible_B1TT is None:  # unpacked batches keep fused causal kernels (kernels.causal_attention)
-            out_BHTV, max_H = kernels.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
+        if visible_B1TT is None:  # unpacked batches keep fused causal kernels (kimi_kernels.causal_attention)
+            out_BHTV, max_H = kimi_kernels.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
         else:
             out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, attn_mask=visible_B1TT,
                                                       scale=self.scale)

@@ -4,12 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import kimi_kernels
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (as DeepSeek-V3 and its HF port do) and cast back
-    (`kernels.norm.rms_norm_reference` is the definition)."""
+    (`kimi_kernels.norm.rms_norm_reference` is the definition)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)  # fused Triton on CUDA, the reference elsewhere
+        return kimi_kernels.rms_norm(x, self.weight, self.eps)  # fused Triton on CUDA, the reference elsewhere
 
 
 class SwiGLU(nn.Module):

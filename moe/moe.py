@@ -9,14 +9,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-import kernels
+import kimi_kernels
 from moe.config import ModelConfig
 from moe.layers import MLP
 from moe.router import Router
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts as two stacked tensors (HF DeepseekV3 layout), run through `kernels.expert_ffn`.
+    """E SwiGLU experts as two stacked tensors (HF DeepseekV3 layout), run through `kimi_kernels.expert_ffn`.
 
     This module is the seam for expert parallelism: a launcher may replace it with one that holds a
     slice of the experts and moves tokens between processes; the call signature stays the same.
@@ -36,7 +36,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor) -> torch.Tensor:
         x_ND, topk_weights_NK, gate_up, down = autocast_operands(x_ND, topk_weights_NK, self.gate_up_proj, self.down_proj)
-        return kernels.expert_ffn(x_ND, topk_ids_NK, topk_weights_NK, gate_up, down)
+        return kimi_kernels.expert_ffn(x_ND, topk_ids_NK, topk_weights_NK, gate_up, down)
 
 
 def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

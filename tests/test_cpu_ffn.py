@@ -1,5 +1,5 @@
-"""The CPU expert FFN (`kernels.experts.cpu_ffn`) forward and backward against two oracles: a per-token loop
-written here, which shares no code with ours, and `kernels.experts.reference`.
+"""The CPU expert FFN (`kimi_kernels.experts.cpu_ffn`) forward and backward against two oracles: a per-token loop
+written here, which shares no code with ours, and `kimi_kernels.experts.reference`.
 
 Shape legend: T tokens, K experts per token, E experts, D hidden, F expert FFN width.
 Both oracles run in fp64 on the same values; ours runs in the dtype under test.
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.experts import cpu_ffn
-from kernels.experts.cpu_ffn import expert_ffn_cpu, grouped_mm_fits
-from kernels.experts.reference import expert_ffn_reference
-from kernels.testing import assert_close_to, make_problem
+import kimi_kernels
+from kimi_kernels.experts import cpu_ffn
+from kimi_kernels.experts.cpu_ffn import expert_ffn_cpu, grouped_mm_fits
+from kimi_kernels.experts.reference import expert_ffn_reference
+from kimi_kernels.testing import assert_close_to, make_problem
 
 
 def per_token_loop(x_TD, ids_TK, w_TK, gate_up_EFD, down_EDF):
@@ -48,7 +48,7 @@ CASES = [
     (15, 2, 7, 18, 9, "empty_experts", False),  # loop skipping empty experts between busy ones
     (1, 1, 1, 12, 6, "random", False),  # loop with T = 1, E = 1
 ]
-# Tolerances of kernels.testing (relative to max|ref|, against fp64): fp32 1e-5, bf16 4e-2.
+# Tolerances of kimi_kernels.testing (relative to max|ref|, against fp64): fp32 1e-5, bf16 4e-2.
 DTYPES = [torch.float32, torch.bfloat16]
 NAMES = ("y", "dx", "dtopk_weights", "dgate_up", "ddown")
 
@@ -164,13 +164,13 @@ def test_grouped_linear_takes_an_expanded_gradient():
 
 def test_dispatch_sends_cpu_tensors_here_unless_reference_is_forced(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "expert_ffn_cpu", lambda *a: calls.append("cpu") or a[0])
-    monkeypatch.setattr(kernels, "expert_ffn_reference", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setattr(kimi_kernels, "expert_ffn_cpu", lambda *a: calls.append("cpu") or a[0])
+    monkeypatch.setattr(kimi_kernels, "expert_ffn_reference", lambda *a: calls.append("reference") or a[0])
     args = make_problem(4, 2, 4, 16, 8, torch.float32, device="cpu")
     monkeypatch.delenv("KIMI_EXPERT_FFN", raising=False)
-    kernels.expert_ffn(*args)
+    kimi_kernels.expert_ffn(*args)
     monkeypatch.setenv("KIMI_EXPERT_FFN", "reference")
-    kernels.expert_ffn(*args)
+    kimi_kernels.expert_ffn(*args)
     assert calls == ["cpu", "reference"]
 
 

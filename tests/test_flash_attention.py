@@ -2,7 +2,7 @@
 
 Runs the kernels through the Triton interpreter on CPU, natively on CUDA (bf16 too) when present.
 Shape legend: B batch, H heads, T sequence, Q query/key head dim, V value head dim.
-Interpreter tiles (kernels.attention.flash_attention): forward and dQ own 32 query rows and walk 16 keys at a
+Interpreter tiles (kimi_kernels.attention.flash_attention): forward and dQ own 32 query rows and walk 16 keys at a
 time, dK/dV owns 32 keys and walks 16 queries.
 """
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention.attention_reference import attention_reference
-from kernels.testing import DEVICE, assert_close_to, dtype_params, use_interpreter_without_cuda
+from kimi_kernels.attention.attention_reference import attention_reference
+from kimi_kernels.testing import DEVICE, assert_close_to, dtype_params, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-import kernels.attention.flash_attention as fa  # noqa: E402  (after the interpreter switch)
+import kimi_kernels.attention.flash_attention as fa  # noqa: E402  (after the interpreter switch)
 
 CASES = [
     # (B, H, T, Q, V)
@@ -31,7 +31,7 @@ DTYPES = dtype_params()
 @pytest.fixture(scope="module", autouse=True)
 def _interpreted():
     if DEVICE == "cpu" and type(fa._attn_fwd).__name__ != "InterpretedFunction":
-        raise RuntimeError("kernels.attention.flash_attention was imported before TRITON_INTERPRET=1 was set")
+        raise RuntimeError("kimi_kernels.attention.flash_attention was imported before TRITON_INTERPRET=1 was set")
 
 
 def _inputs(B, H, T, Q, V, dtype, spread=1.0, seed=0):
@@ -183,7 +183,7 @@ def test_mla_records_the_kernels_max_and_matches_the_sdpa_path(monkeypatch):
 
     y_sdpa, max_sdpa, grads_sdpa = run()
     calls = []
-    monkeypatch.setattr("kernels.causal_attention", lambda *a: calls.append(1) or fa.flash_attention(*a))
+    monkeypatch.setattr("kimi_kernels.causal_attention", lambda *a: calls.append(1) or fa.flash_attention(*a))
     y_flash, max_flash, grads_flash = run()
     assert calls == [1]
     torch.testing.assert_close(y_flash, y_sdpa, rtol=1e-5, atol=1e-5)
@@ -193,12 +193,12 @@ def test_mla_records_the_kernels_max_and_matches_the_sdpa_path(monkeypatch):
 
 
 def test_dispatch_off_cuda_is_sdpa_and_the_switch_is_checked(monkeypatch):
-    import kernels
+    import kimi_kernels
 
     q, k, v, _ = _inputs(1, 2, 9, 24, 16, torch.float32)
-    out, max_H = kernels.causal_attention(q.cpu(), k.cpu(), v.cpu(), 0.2)
+    out, max_H = kimi_kernels.causal_attention(q.cpu(), k.cpu(), v.cpu(), 0.2)
     assert max_H is None
     assert torch.equal(out, F.scaled_dot_product_attention(q.cpu(), k.cpu(), v.cpu(), is_causal=True, scale=0.2))
     monkeypatch.setenv("KIMI_ATTENTION", "flash2")
     with pytest.raises(ValueError, match="KIMI_ATTENTION='flash2'; valid: flash, sdpa"):
-        kernels.causal_attention(q, k, v, 0.2)
+        kimi_kernels.causal_attention(q, k, v, 0.2)

@@ -1,4 +1,4 @@
-"""kernels.bench's reading of the autotuner, checked on CPU so a GPU session does not find a slip.
+"""kimi_kernels.bench's reading of the autotuner, checked on CPU so a GPU session does not find a slip.
 
 The benchmark itself needs CUDA; this checks how it reads Triton's Autotuner after a call: the
 candidates' (median, p20, p80) timings, fastest first, a failed candidate (inf) as None.
@@ -6,10 +6,10 @@ candidates' (median, p20, p80) timings, fastest first, a failed candidate (inf) 
 
 from types import SimpleNamespace
 
-from kernels.testing import use_interpreter_without_cuda
+from kimi_kernels.testing import use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-import kernels.bench as bench  # noqa: E402
+import kimi_kernels.bench as bench  # noqa: E402
 
 
 def test_autotune_timings_reads_the_tuner_that_ran(monkeypatch):

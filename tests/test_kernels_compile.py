@@ -1,6 +1,6 @@
 """The kernels as the compiler builds them for an H100 (sm_90), read on any machine.
 
-`kernels.compile_report` compiles every launch of one forward+backward at the benchmark's K2 shape
+`kimi_kernels.compile_report` compiles every launch of one forward+backward at the benchmark's K2 shape
 with Triton's own ptxas, so these checks need no GPU. They hold the kernel code to what it was
 changed for, judged by the compiler's output rather than by our own arithmetic: the weight-gradient
 kernel's operand tiles get every pipeline stage as a buffer when their tokens are loaded ahead, and
@@ -18,7 +18,7 @@ import pytest
 def _run_report(out, *flags, **env_vars):
     # Its own process: the kernel tests switch this one to the Triton interpreter, which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
-    subprocess.run([sys.executable, "-m", "kernels.compile_report", "--out", str(out), *flags], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "kimi_kernels.compile_report", "--out", str(out), *flags], env=env, check=True,
                    capture_output=True, text=True, timeout=900)
     return json.loads(out.read_text())["results"]
 
@@ -78,7 +78,7 @@ def test_kimi_kernel_tma_0_drops_every_tma_candidate(tmp_path):
 def test_rms_norm_compiles_for_k2_hidden_size_without_spills(tmp_path):
     out = tmp_path / "norm.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "kernels.compile_report", "--only", "rms", "--out", str(out)], env=env,
+    subprocess.run([sys.executable, "-m", "kimi_kernels.compile_report", "--only", "rms", "--out", str(out)], env=env,
                    check=True, capture_output=True, text=True, timeout=900)
     rows = json.loads(out.read_text())["norm"]
     assert {row["launch"] for row in rows} == {"rms_fwd", "rms_bwd"}

@@ -7,12 +7,12 @@ Shape legend: T tokens, K experts per token, E experts, D hidden, F expert FFN w
 import pytest
 import torch
 
-import kernels
-from kernels.testing import (DEVICE, check_ffn_against_reference, check_kernels_interpreted, dtype_params,
+import kimi_kernels
+from kimi_kernels.testing import (DEVICE, check_ffn_against_reference, check_kernels_interpreted, dtype_params,
                              make_problem, use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
-import kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
+import kimi_kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
 
 CASES = [
     # (T, K, E, D, F, routing)
@@ -84,20 +84,20 @@ def test_dispatch_picks_backend_by_device(monkeypatch):
     """One place chooses: CUDA -> Triton, CPU -> grouped-GEMM CPU path, KIMI_EXPERT_FFN=reference -> reference."""
     calls = []
     monkeypatch.setattr(triton_ffn, "expert_ffn_triton", lambda *a: calls.append("triton") or a[0])
-    monkeypatch.setattr(kernels, "expert_ffn_cpu", lambda *a: calls.append("cpu") or a[0])
-    monkeypatch.setattr(kernels, "expert_ffn_reference", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setattr(kimi_kernels, "expert_ffn_cpu", lambda *a: calls.append("cpu") or a[0])
+    monkeypatch.setattr(kimi_kernels, "expert_ffn_reference", lambda *a: calls.append("reference") or a[0])
     args = make_problem(4, 2, 4, 24, 20, torch.float32, device="cpu")
-    kernels.expert_ffn(*args)
+    kimi_kernels.expert_ffn(*args)
     expected = ["cpu"]
     if torch.cuda.is_available():
         cuda_args = make_problem(4, 2, 4, 24, 20, torch.float32, device="cuda")
-        kernels.expert_ffn(*cuda_args)
+        kimi_kernels.expert_ffn(*cuda_args)
         expected += ["triton"]
     monkeypatch.setenv("KIMI_EXPERT_FFN", "reference")
-    kernels.expert_ffn(*args)
+    kimi_kernels.expert_ffn(*args)
     expected += ["reference"]
     if torch.cuda.is_available():
-        kernels.expert_ffn(*cuda_args)
+        kimi_kernels.expert_ffn(*cuda_args)
         expected += ["reference"]
     assert calls == expected
 

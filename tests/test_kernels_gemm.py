@@ -12,14 +12,14 @@ import torch.nn.functional as F_
 import triton
 from triton.runtime.errors import OutOfResources
 
-from kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
+from kimi_kernels.testing import (DEVICE, assert_close_to, check_kernels_interpreted, dtype_params, make_problem,
                              use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
-from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
-from kernels.experts.routing import build_routing  # noqa: E402
-from kernels.tiles import INTERP_BK, INTERP_BN, block_m, gemm_configs, tma_compatible, wgrad_configs  # noqa: E402
-from kernels.experts.wgrad import expert_wgrad  # noqa: E402
+from kimi_kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward  # noqa: E402
+from kimi_kernels.experts.routing import build_routing  # noqa: E402
+from kimi_kernels.tiles import INTERP_BK, INTERP_BN, block_m, gemm_configs, tma_compatible, wgrad_configs  # noqa: E402
+from kimi_kernels.experts.wgrad import expert_wgrad  # noqa: E402
 
 CASES = [
     # (T, K, E, D, F, routing)

@@ -6,11 +6,11 @@ Shape legend: T tokens, K experts per token, E experts, A = T*K, D hidden.
 import pytest
 import torch
 
-from kernels.testing import DEVICE, ROUTINGS, check_kernels_interpreted, use_interpreter_without_cuda
+from kimi_kernels.testing import DEVICE, ROUTINGS, check_kernels_interpreted, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-from kernels.experts.combine import combine  # noqa: E402  (after the interpreter switch)
-from kernels.experts.routing import build_routing  # noqa: E402
+from kimi_kernels.experts.combine import combine  # noqa: E402  (after the interpreter switch)
+from kimi_kernels.experts.routing import build_routing  # noqa: E402
 
 CASES = [
     # (T, K, E, block_m, routing)

@@ -1,4 +1,4 @@
-"""The expert FFN's per-stage choice between our Triton kernels and torch._grouped_mm (kernels.experts.stage_choice).
+"""The expert FFN's per-stage choice between our Triton kernels and torch._grouped_mm (kimi_kernels.experts.stage_choice).
 
 On CPU the Triton stages run in the interpreter and torch._grouped_mm natively, so every mix of the two is
 checked against the PyTorch reference here; the timing that picks between them is exercised with an
@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 
-from kernels.testing import (DEVICE, check_ffn_against_reference, check_kernels_interpreted, make_problem,
+from kimi_kernels.testing import (DEVICE, check_ffn_against_reference, check_kernels_interpreted, make_problem,
                              use_interpreter_without_cuda)
 
 use_interpreter_without_cuda()
-import kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
-from kernels.experts import grouped_mm_stages, stage_choice  # noqa: E402
+import kimi_kernels.experts.triton_ffn as triton_ffn  # noqa: E402  (after the interpreter switch)
+from kimi_kernels.experts import grouped_mm_stages, stage_choice  # noqa: E402
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # what _grouped_mm takes on each
 CASES = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.experts.reference import expert_ffn_reference
+import kimi_kernels
+from kimi_kernels.experts.reference import expert_ffn_reference
 from moe.attention import MLA
 from moe.config import preset
 from moe.layers import MLP, rope_cos_sin
@@ -51,7 +51,7 @@ EXPERT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", [kernels.expert_ffn, expert_ffn_reference], ids=["expert_ffn", "reference"])
+@pytest.mark.parametrize("impl", [kimi_kernels.expert_ffn, expert_ffn_reference], ids=["expert_ffn", "reference"])
 @pytest.mark.parametrize("case,T,D,F_,E,K", EXPERT_CASES)
 def test_expert_path_matches_dense_loop_forward_and_backward(impl, case, T, D, F_, E, K):
     gen = torch.Generator().manual_seed(T * 100 + E)

@@ -197,7 +197,7 @@ def test_saved_activations_match_autograd(name, B, T, recompute):
     predicted = planned(lay)["activations"]
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
     # Agreement today is far tighter than the 10%: keep it so (measured: exact but for 32 bytes
-    # per MoE layer that kernels/experts/cpu_ffn.py's group offsets add and the reference does not; full < 1%).
+    # per MoE layer that kimi_kernels/experts/cpu_ffn.py's group offsets add and the reference does not; full < 1%).
     assert abs(predicted - measured) <= (0.01 if recompute == "full" else 0.005) * measured, (predicted, measured)
 
 

@@ -1,4 +1,4 @@
-"""The Triton RMSNorm (kernels/norm/rms_norm_triton.py) against its PyTorch reference and torch's F.rms_norm.
+"""The Triton RMSNorm (kimi_kernels/norm/rms_norm_triton.py) against its PyTorch reference and torch's F.rms_norm.
 
 Runs through the Triton interpreter on CPU (bf16 included: no tl.dot here), natively on CUDA."""
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.norm.rms_norm_reference import rms_norm_reference
-from kernels.testing import DEVICE, use_interpreter_without_cuda
+import kimi_kernels
+from kimi_kernels.norm.rms_norm_reference import rms_norm_reference
+from kimi_kernels.testing import DEVICE, use_interpreter_without_cuda
 
 use_interpreter_without_cuda()
-import kernels.norm.rms_norm_triton as rn  # noqa: E402  (after the interpreter switch)
+import kimi_kernels.norm.rms_norm_triton as rn  # noqa: E402  (after the interpreter switch)
 
 SHAPES = [(3, 5, 24), (1, 1), (7, 100), (2, 33, 64), (0, 16)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -86,14 +86,14 @@ def test_bad_weight_shape_names_both_shapes():
 def test_dispatch_by_device_and_switch(monkeypatch):
     calls = []
     monkeypatch.setattr(rn, "rms_norm_triton", lambda *a: calls.append("triton") or a[0])
-    monkeypatch.setattr(kernels, "rms_norm_reference", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setattr(kimi_kernels, "rms_norm_reference", lambda *a: calls.append("reference") or a[0])
     x, w, _ = _inputs((2, 8), torch.float32, torch.float32)
-    kernels.rms_norm(x.cpu(), w.cpu(), 1e-6)
+    kimi_kernels.rms_norm(x.cpu(), w.cpu(), 1e-6)
     expected = ["reference"]
     if torch.cuda.is_available():
-        kernels.rms_norm(x.cuda(), w.cuda(), 1e-6)
+        kimi_kernels.rms_norm(x.cuda(), w.cuda(), 1e-6)
         monkeypatch.setenv("KIMI_RMSNORM", "reference")
-        kernels.rms_norm(x.cuda(), w.cuda(), 1e-6)
+        kimi_kernels.rms_norm(x.cuda(), w.cuda(), 1e-6)
         expected += ["triton", "reference"]
     assert calls == expected
 
@@ -109,10 +109,10 @@ def test_model_with_the_kernel_matches_the_reference_model(monkeypatch):
     base = Transformer(preset("tiny")).to(DEVICE).train()
     other = copy.deepcopy(base)
     tokens = torch.randint(0, base.cfg.vocab_size, (2, 17), device=DEVICE)
-    monkeypatch.setattr(kernels, "rms_norm", rms_norm_reference)
+    monkeypatch.setattr(kimi_kernels, "rms_norm", rms_norm_reference)
     want = base(tokens, tokens)
     want.loss.backward()
-    monkeypatch.setattr(kernels, "rms_norm", rn.rms_norm_triton)
+    monkeypatch.setattr(kimi_kernels, "rms_norm", rn.rms_norm_triton)
     got = other(tokens, tokens)
     got.loss.backward()
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ Rank p of the group owns experts [p*L, (p+1)*L). One forward:
   2. all_to_all the per-expert counts [P, L], so every rank knows how many rows of each of its
      experts arrive from each source (splits are uneven, and zero for experts nobody picked);
   3. all_to_all the rows (differentiable), run the local experts on them with
-     `kernels.expert_ffn` (K = 1, local ids, weight 1), all_to_all the results back;
+     `kimi_kernels.expert_ffn` (K = 1, local ids, weight 1), all_to_all the results back;
   4. combine at the source: y_n = sum_k w_nk * out_nk, the gate weights never travel.
 Backward retraces the same all_to_alls with the splits swapped (`_AllToAll`).
 """
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import kernels
+import kimi_kernels
 from moe.moe import RoutedExperts, autocast_operands
 
 # deepspeed.moe.layer.MoE is what DeepSpeed's engine looks for to turn on expert-aware gradient
@@ -93,7 +93,7 @@ class ExpertParallelExperts(_DeepSpeedMoEMarker):
         local_ids_M = torch.arange(L, device=x_MD.device).repeat(P).repeat_interleave(recv_counts_PL.reshape(-1))
         ones_M1 = x_MD.new_ones(x_MD.shape[0], 1)
         x_MD, ones_M1, gate_up, down = autocast_operands(x_MD, ones_M1, self.gate_up_proj, self.down_proj)
-        y_MD = kernels.expert_ffn(x_MD, local_ids_M[:, None], ones_M1, gate_up, down)
+        y_MD = kimi_kernels.expert_ffn(x_MD, local_ids_M[:, None], ones_M1, gate_up, down)
         y_AD = _AllToAll.apply(y_MD, recv_splits, send_splits, self.ep_group)
         w_A = topk_weights_NK.reshape(-1)[order_A].to(y_AD.dtype)
         return x_ND.new_zeros(x_ND.shape, dtype=y_AD.dtype).index_add_(0, token_A, y_AD * w_A[:, None])

@@ -22,7 +22,7 @@ backward's recompute): elementwise passes only. kv_b_proj is refilled, not check
 saved input is the latent it is refilled from. That frees attention's v only where attention keeps v
 as the view of kv_b_proj's output it was given: on CPU the math path (q/k and v head dims differ)
 keeps its own copy, so there the refill is one small matmul for nothing; on CUDA it is unmeasured.
-Not reached: the routed experts' SwiGLU is inside kernels.expert_ffn (the Triton path keeps only
+Not reached: the routed experts' SwiGLU is inside kimi_kernels.expert_ffn (the Triton path keeps only
 [gate | up] and recomputes the activation in its backward; the CPU paths keep what autograd saves), and of MLA's
 query side nothing is kept from q_b_proj: attention keeps the per-head q and k that MLA.qkv
 concatenates with torch.cat, past any module boundary.

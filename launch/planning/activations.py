@@ -14,8 +14,8 @@ Recompute modes are launch/parallel/recompute.py's:
              experts' SwiGLU and MLA's q and k are not reached.
   full       each block keeps its input [D] and its routers' expert ids (int64 [K]) for the replay.
 
-Kernel sets (`kernels`): gpu = kernels/experts/triton_ffn.py and fused SDPA (it saves q, k, v, its output and
-an fp32 log-sum-exp [H]); cpu = kernels/experts/cpu_ffn.py or kernels/experts/reference.py (the same saves) and SDPA's
+Kernel sets (`kernels`): gpu = kimi_kernels/experts/triton_ffn.py and fused SDPA (it saves q, k, v, its output and
+an fp32 log-sum-exp [H]); cpu = kimi_kernels/experts/cpu_ffn.py or kimi_kernels/experts/reference.py (the same saves) and SDPA's
 math path (scaled copies of q and k, the [H, T] softmax over every key, a contiguous copy of v).
 """
 
@@ -62,7 +62,7 @@ def ffn_bytes(cfg: ModelConfig, layer: int, a: int, lay) -> int:
     selective keeps gate and up. Router (moe/router.py, fp32): its input as fp32 (a copy unless
     a == 4), the scores [E], the chosen ids (int64 [K]), the gathered scores [K], the normaliser, the
     balance loss's normaliser. Routed experts, per assignment (K per token), in every mode:
-      gpu (kernels/experts/triton_ffn.py): h = [gate | up] [2F], int32 routing order and token (on ctx); the
+      gpu (kimi_kernels/experts/triton_ffn.py): h = [gate | up] [2F], int32 routing order and token (on ctx); the
       gate weights [K] once per token; its input x is the norm's output;
       cpu: the int64 gather indices twice, the gathered row [D], [gate | up], silu and product [F]
       each, the output row [D], the gathered weight, the weighted row [D] (the scatter's source).
@@ -99,7 +99,7 @@ def micro_batch_activations(cfg: ModelConfig, layers: list[int], first: bool, la
     """Saved bytes of one micro-batch (b sequences of T tokens) on a stage holding `layers`.
 
     Beside the blocks: RoPE's cos/sin tables [T, R/2] (one pair, shared by all layers); unless full,
-    each MoE layer's balance-loss statistics [b, E] fp32, on cpu kernels/experts/cpu_ffn.py's group offsets
+    each MoE layer's balance-loss statistics [b, E] fp32, on cpu kimi_kernels/experts/cpu_ffn.py's group offsets
     (int32 [E]) and, for bf16 weights, the router weight's fp32 copy [E, D] (moe/router.py computes
     in fp32); the first stage the embedding's int64 ids; the
     last the final norm (selective: its input only) and the head's input, log-softmax's fp32 [V] and

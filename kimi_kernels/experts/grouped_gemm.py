@@ -1,7 +1,7 @@
 """Row-gathered grouped GEMM over expert-sorted rows: one Triton kernel, three epilogues.
 
 Shape legend: T tokens, D hidden, F expert FFN width, E experts, A = T*K assignments,
-i = sorted position (expert-major), a = flat assignment index t*K + k (see `kernels.experts.routing`).
+i = sorted position (expert-major), a = flat assignment index t*K + k (see `kimi_kernels.experts.routing`).
 
 Each program owns BM sorted rows of one expert and BN output columns, and computes
 C[i, n] = sum_k A[src(i), k] * W_e[n, k]. The activation rows are read straight from their
@@ -23,15 +23,15 @@ MODE (compile-time):
               w_a * act_i, the operand of the down projection's weight gradient. The epilogue runs
               on the accumulator's two column halves in turn (a register-only split): on the whole
               tile its temporaries spilled 1.3-5.9 KB per thread on sm_90 in every candidate, now
-              under 0.1 KB in the one the H100 picks (`python -m kernels.compile_report`).
+              under 0.1 KB in the one the H100 picks (`python -m kimi_kernels.compile_report`).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.experts.routing import Routing
-from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, launch, prune_gemm,
+from kimi_kernels.experts.routing import Routing
+from kimi_kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, gemm_configs, interpreting, launch, prune_gemm,
                            tma_compatible)
 
 # constexpr so the kernel can branch on them at compile time; the launchers pass them as MODE.
@@ -68,7 +68,7 @@ def _expert_gemm(
     pid_n = (pid % pids_in_group) // group_m
 
     e = tl.load(block_expert_ptr + pid_m)
-    if e >= E:  # past the real block count (the grid is an upper bound, see kernels.experts.routing)
+    if e >= E:  # past the real block count (the grid is an upper bound, see kimi_kernels.experts.routing)
         return
     row0 = tl.load(block_row_ptr + pid_m)
     row_end = tl.load(offsets_ptr + e + 1)

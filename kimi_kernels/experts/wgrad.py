@@ -16,7 +16,7 @@ gathered tile an indirect load, which Triton's software pipeliner gives only abo
 num_stages shared-memory buffers (2 of 4 on sm_90), though it copies the tokens asynchronously
 too. Loaded one iteration ahead, the tiles get all num_stages buffers, but the pipeliner then
 waits for the token load (an L2 hit: the index is T*K*4 bytes) in every iteration before issuing
-the copies. `python -m kernels.compile_report --only wgrad` shows the buffers per candidate.
+the copies. `python -m kimi_kernels.compile_report --only wgrad` shows the buffers per candidate.
 
 Likewise SORTED_TMA: the operand read in sorted order (dh for gate_up, w*act for down) can come
 through a TMA descriptor over the expert's own rows instead of per-thread pointer loads, which
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.experts.routing import Routing
-from kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, launch, prune_wgrad, tma_compatible,
+from kimi_kernels.experts.routing import Routing
+from kimi_kernels.tiles import (INTERP_BK, INTERP_BN, dot_types, interpreting, launch, prune_wgrad, tma_compatible,
                            wgrad_configs)
 
 

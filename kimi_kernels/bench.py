@@ -1,11 +1,11 @@
-"""Benchmark the expert FFN: `python -m kernels.bench [--quick] [--out benchmarks/kernels-<gpu>.json]`.
+"""Benchmark the expert FFN: `python -m kimi_kernels.bench [--quick] [--out benchmarks/kernels-<gpu>.json]`.
 
 A script, not a test: prints a table and writes JSON. For each shape x routing x mode (forward,
 forward+backward) it times three implementations of the same maths on bf16 CUDA tensors:
-  triton      our kernels (`kernels.experts.triton_ffn`), every stage on our kernel
+  triton      our kernels (`kimi_kernels.experts.triton_ffn`), every stage on our kernel
   auto        the same with each stage on our kernel or torch._grouped_mm, whichever timed faster
-              (`kernels.experts.stage_choice`, the default on a GPU); its picks go to the JSON
-  loop        the per-expert PyTorch loop (`kernels.experts.reference`)
+              (`kimi_kernels.experts.stage_choice`, the default on a GPU); its picks go to the JSON
+  loop        the per-expert PyTorch loop (`kimi_kernels.experts.reference`)
   grouped_mm  permute + two `torch._grouped_mm` + index_add combine (torchtitan's path), where
               the GPU has it (sm90+)
 and reports TFLOP/s, the ratio to a dense bf16 torch.matmul at its own TFLOP/s (the physical-limit
@@ -23,17 +23,17 @@ import torch
 import torch.nn.functional as F_
 import triton
 
-from kernels.experts import stage_choice
-from kernels.experts.combine import combine
-from kernels.experts.grouped_gemm import _kernel_tuned as gemm_tuned
-from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
-from kernels.experts.reference import expert_ffn_reference
-from kernels.experts.routing import build_routing
-from kernels.experts.triton_ffn import expert_ffn_triton
-from kernels.experts.wgrad import _kernel_tuned as wgrad_tuned
-from kernels.experts.wgrad import expert_wgrad
-from kernels.testing import ROUTINGS
-from kernels.tiles import block_m
+from kimi_kernels.experts import stage_choice
+from kimi_kernels.experts.combine import combine
+from kimi_kernels.experts.grouped_gemm import _kernel_tuned as gemm_tuned
+from kimi_kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
+from kimi_kernels.experts.reference import expert_ffn_reference
+from kimi_kernels.experts.routing import build_routing
+from kimi_kernels.experts.triton_ffn import expert_ffn_triton
+from kimi_kernels.experts.wgrad import _kernel_tuned as wgrad_tuned
+from kimi_kernels.experts.wgrad import expert_wgrad
+from kimi_kernels.testing import ROUTINGS
+from kimi_kernels.tiles import block_m
 
 # (name, T, K, E, D, F, routings)
 SHAPES = [
@@ -66,7 +66,7 @@ def grouped_mm_ffn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF):
 
 
 def forced_stages(mode: str):
-    """expert_ffn_triton with every stage's choice set to `mode` (kernels.experts.stage_choice)."""
+    """expert_ffn_triton with every stage's choice set to `mode` (kimi_kernels.experts.stage_choice)."""
     def ffn(*args):
         with stage_choice.forced(mode):
             return expert_ffn_triton(*args)
@@ -253,7 +253,7 @@ def main():
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/kernels-<gpu>.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench needs a CUDA GPU (the CPU path is the reference; nothing to time)")
+        raise SystemExit("kimi_kernels.bench needs a CUDA GPU (the CPU path is the reference; nothing to time)")
     impls = {"triton": forced_stages("triton"), "auto": forced_stages("auto"), "loop": expert_ffn_reference}
     cap = torch.cuda.get_device_capability()
     if hasattr(torch, "_grouped_mm") and cap >= (9, 0):

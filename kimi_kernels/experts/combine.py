@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import dot_types, interpreting
+from kimi_kernels.tiles import dot_types, interpreting
 
 
 @triton.jit

@@ -1,11 +1,11 @@
 """The Triton expert FFN's six stages on torch._grouped_mm, each a drop-in for one of our kernels.
 
 Shape legend: T tokens, D hidden, F expert FFN width, E experts, K experts per token, A = T*K
-assignments, in expert-sorted rows i or token-major rows a (`kernels.experts.routing`).
+assignments, in expert-sorted rows i or token-major rows a (`kimi_kernels.experts.routing`).
 
-Each function takes and returns what the kernel it stands in for does (`kernels.experts.grouped_gemm`,
-`kernels.experts.wgrad`), so `kernels.experts.triton_ffn` can run any mix of the two, stage by stage, as
-`kernels.experts.stage_choice` decides. What our kernels fuse runs here as separate ops: the row gather
+Each function takes and returns what the kernel it stands in for does (`kimi_kernels.experts.grouped_gemm`,
+`kimi_kernels.experts.wgrad`), so `kimi_kernels.experts.triton_ffn` can run any mix of the two, stage by stage, as
+`kimi_kernels.experts.stage_choice` decides. What our kernels fuse runs here as separate ops: the row gather
 (`x[token]`), the scatter back to token-major rows (`index_copy_`) and SwiGLU's elementwise maths
 (in fp32, rounded once to the operand dtype as the kernels do). The GEMMs themselves are
 torch._grouped_mm over the sorted rows, with Routing's offsets as its group ends.
@@ -13,9 +13,9 @@ torch._grouped_mm over the sorted rows, with Routing's offsets as its group ends
 
 import torch
 
-from kernels.experts.cpu_ffn import grouped_mm_fits
-from kernels.experts.routing import Routing
-from kernels.tiles import tma_compatible
+from kimi_kernels.experts.cpu_ffn import grouped_mm_fits
+from kimi_kernels.experts.routing import Routing
+from kimi_kernels.tiles import tma_compatible
 
 
 def available(x_TD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
@@ -60,7 +60,7 @@ def input_grad(dh_AF2, gate_up_EFD, r: Routing):
 
 
 def swiglu_backward(dy_TD, down_EDF, h_AF2, gate_w_A, r: Routing):
-    """(dh_AF2, dw_A, act_w_AF) per sorted row, as `kernels.experts.grouped_gemm.swiglu_backward`:
+    """(dh_AF2, dw_A, act_w_AF) per sorted row, as `kimi_kernels.experts.grouped_gemm.swiglu_backward`:
     d_act = w_a dy_t down_e, dw_a = <dy_t down_e, act_i> (fp32), act_w = w_a act_i."""
     dact_AF = torch._grouped_mm(dy_TD[r.token_A.long()], down_EDF, offs=_ends(r)).float()
     g, u = h_AF2.float().chunk(2, dim=-1)

@@ -1,5 +1,5 @@
 """Pure-PyTorch causal attention that also reports each head's largest logit: the oracle of
-`kernels.attention.flash_attention`.
+`kimi_kernels.attention.flash_attention`.
 
 Shape legend: B batch, H heads, T sequence, Q query/key head dim (N + R in MLA), V value head dim.
 

@@ -118,7 +118,7 @@ def wgrad_configs():
     Each tile shape is tried with the tokens loaded in the iteration that uses them (ahead=False:
     about half of num_stages become buffers, so 7 stages give 4) and one iteration ahead (all
     num_stages are buffers), and the 128x128 and 128x256 tiles also with the sorted operand read
-    through TMA (tma=True); see `kernels.experts.wgrad`."""
+    through TMA (tma=True); see `kimi_kernels.experts.wgrad`."""
     cfgs = [
         triton.Config({"BM": bm, "BN": bn, "BK": bk, "TOKENS_AHEAD": ahead, "SORTED_TMA": tma},
                       num_warps=w, num_stages=s)

@@ -1,7 +1,7 @@
 """RMSNorm forward and backward as two Triton kernels, each one pass over the rows.
 
 Shape legend: N rows (every leading dim flattened), D the normalised width, DP the next power of two
-of D. Same numbers as `kernels.norm.rms_norm_reference` (its definition: fp32 normalisation rounded to
+of D. Same numbers as `kimi_kernels.norm.rms_norm_reference` (its definition: fp32 normalisation rounded to
 x's dtype, times the weight in the promoted dtype), up to the order of the fp32 sum of squares.
 
 Why: the reference is six elementwise passes in the forward (cast, square, mean, rsqrt, multiply,
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import interpreting
+from kimi_kernels.tiles import interpreting
 
 
 @triton.jit
@@ -105,7 +105,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Same contract as `kernels.norm.rms_norm_reference.rms_norm_reference`, on Triton kernels."""
+    """Same contract as `kimi_kernels.norm.rms_norm_reference.rms_norm_reference`, on Triton kernels."""
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be [D] with D = x's last dim {x.shape[-1]}")
     return _RMSNorm.apply(x, weight, eps)

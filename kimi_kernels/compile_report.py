@@ -1,4 +1,4 @@
-"""What the compiler makes of our kernels on a GPU we do not have: `python -m kernels.compile_report`.
+"""What the compiler makes of our kernels on a GPU we do not have: `python -m kimi_kernels.compile_report`.
 
 A script, not a test (though a test runs it). It traces one forward+backward of the Triton expert
 FFN on meta tensors at a chosen shape (default: the benchmark's target shape), which records every
@@ -14,8 +14,8 @@ compiler's own output:
             load in the same loop, as in the weight-gradient kernel's gathered rows)
   tma       tile copies issued through TMA (tensor descriptors) rather than per-thread pointers
 
-It does the same for the RMSNorm kernels (`kernels.norm.rms_norm_triton`; the JSON's "norm") and for
-the causal flash attention (`kernels.attention.flash_attention`: forward, dQ, dK/dV) at K2's MLA head
+It does the same for the RMSNorm kernels (`kimi_kernels.norm.rms_norm_triton`; the JSON's "norm") and for
+the causal flash attention (`kimi_kernels.attention.flash_attention`: forward, dQ, dK/dV) at K2's MLA head
 dims; those rows go to the JSON's "attention" list, beside the FFN's "results".
 
 No GPU is needed: Triton ships ptxas and cuobjdump. So a kernel author on a laptop can see a spill
@@ -37,15 +37,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.attention import flash_attention as attention_mod
-from kernels.bench import _tuners as bench_tuners
-from kernels.experts import combine as combine_mod
-from kernels.experts import grouped_gemm
-from kernels.experts.triton_ffn import expert_ffn_triton
-from kernels.norm import rms_norm_triton as norm_mod
-from kernels.tiles import interpreting
+from kimi_kernels.attention import flash_attention as attention_mod
+from kimi_kernels.bench import _tuners as bench_tuners
+from kimi_kernels.experts import combine as combine_mod
+from kimi_kernels.experts import grouped_gemm
+from kimi_kernels.experts.triton_ffn import expert_ffn_triton
+from kimi_kernels.norm import rms_norm_triton as norm_mod
+from kimi_kernels.tiles import interpreting
 
-TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kernels.bench's QUICK shape
+TARGET_SHAPE = dict(T=16384, K=8, E=64, D=7168, F=2048)  # kimi_kernels.bench's QUICK shape
 # MLA at K2's head dims (Q = N + R = 128 + 64, V = 128), 16 heads: one of benchmarks/attention_bench.py's shapes.
 ATTENTION_SHAPE = dict(B=1, H=16, T=4096, Q=192, V=128)
 
@@ -64,7 +64,7 @@ def _recording(kernels):
     the yielded list instead of running: `run` is replaced on each kernel object. With meta tensors,
     which carry shapes and strides but no data, nothing runs at all."""
     if interpreting():
-        raise SystemExit("kernels.compile_report compiles for a GPU; unset TRITON_INTERPRET")
+        raise SystemExit("kimi_kernels.compile_report compiles for a GPU; unset TRITON_INTERPRET")
     launches = []
     with contextlib.ExitStack() as stack:
         for name, kernel in kernels.items():

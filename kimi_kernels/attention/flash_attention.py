@@ -9,7 +9,7 @@ tl.arange needs powers of two, so the Q columns are two tiles, QA = the largest 
 Q and QB = the next power of two of the rest (both >= 16, tl.dot's least K), with the tail masked:
 Q = 192 runs as 128 + 64, with no work or registers spent on zeros, where one 256-wide tile would
 waste a quarter of the QK^T, dQ and dK work and spill in the dK/dV kernel (`python -m
-kernels.compile_report`). q.k = q_a.k_a + q_b.k_b; dQ and dK are kept as their two column tiles.
+kimi_kernels.compile_report`). q.k = q_a.k_a + q_b.k_b; dQ and dK are kept as their two column tiles.
 
 Forward (Dao 2023, Alg. 1): online softmax over key tiles in base 2 (qk_scale = scale * log2 e, so
 exp2 replaces exp); the tiles left of the diagonal skip the causal mask and only the <= BM/BN tiles
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import dot_types, interpreting, launch
+from kimi_kernels.tiles import dot_types, interpreting, launch
 
 LOG2E = math.log2(math.e)
 
@@ -361,7 +361,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def flash_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor, scale: float):
     """Causal attention, out [B, H, T, V] = softmax(scale * q k^T, causal) v, and max_logit_H [H]
     fp32, each head's largest scale * q.k over the batch and the visible pairs (no gradient).
-    Same contract as `kernels.attention.attention_reference.attention_reference`."""
+    Same contract as `kimi_kernels.attention.attention_reference.attention_reference`."""
     if q_BHTQ.dim() != 4 or k_BHTQ.shape != q_BHTQ.shape or v_BHTV.dim() != 4 or v_BHTV.shape[:3] != q_BHTQ.shape[:3]:
         raise ValueError(f"flash_attention wants q and k [B, H, T, Q] and v [B, H, T, V]; got q {tuple(q_BHTQ.shape)}, "
                          f"k {tuple(k_BHTQ.shape)}, v {tuple(v_BHTV.shape)}")

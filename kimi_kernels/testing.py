@@ -22,11 +22,11 @@ def use_interpreter_without_cuda() -> None:
 
 def check_kernels_interpreted() -> None:
     """Fail loudly if the kernels were compiled for a GPU we do not have (imported too early)."""
-    from kernels.experts.grouped_gemm import _expert_gemm
+    from kimi_kernels.experts.grouped_gemm import _expert_gemm
 
     if DEVICE == "cpu" and type(_expert_gemm).__name__ != "InterpretedFunction":
-        raise RuntimeError("kernels.experts.grouped_gemm was imported before TRITON_INTERPRET=1 was set; "
-                           "call kernels.testing.use_interpreter_without_cuda() first")
+        raise RuntimeError("kimi_kernels.experts.grouped_gemm was imported before TRITON_INTERPRET=1 was set; "
+                           "call kimi_kernels.testing.use_interpreter_without_cuda() first")
 
 
 def dtype_params():
@@ -108,7 +108,7 @@ def ffn_grads(fn, x, ids, w, gate_up, down, dy):
 
 def check_ffn_against_reference(fn, T, K, E, D, F, routing, dtype):
     """fn's output and its four gradients on make_problem's problem, against the fp64 reference."""
-    from kernels.experts.reference import expert_ffn_reference
+    from kimi_kernels.experts.reference import expert_ffn_reference
 
     x, ids, w, gate_up, down = make_problem(T, K, E, D, F, dtype, routing)
     dy = torch.randn(T, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE, dtype)

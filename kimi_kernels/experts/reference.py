@@ -1,6 +1,6 @@
 """Pure-PyTorch reference for the routed-expert computation.
 
-The oracle every kernel (Triton, and the CPU grouped-GEMM path of `kernels.experts.cpu_ffn`) is tested
+The oracle every kernel (Triton, and the CPU grouped-GEMM path of `kimi_kernels.experts.cpu_ffn`) is tested
 against, kept deliberately plain; `KIMI_EXPERT_FFN=reference` runs it in the model. Shape legend:
     T tokens, D hidden, F expert FFN width, E experts, K experts per token, A = T*K assignments.
 Expert weights use the Hugging Face DeepseekV3 layout: gate_up_EFD is [E, 2F, D] (gate rows first,

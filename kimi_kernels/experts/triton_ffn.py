@@ -1,7 +1,7 @@
 """The Triton expert FFN as one autograd.Function over the kernels in this folder.
 
 Shape legend: T tokens, D hidden, F expert FFN width, E experts, K experts per token,
-A = T*K assignments (sorted rows i / token-major rows a, see `kernels.experts.routing`).
+A = T*K assignments (sorted rows i / token-major rows a, see `kimi_kernels.experts.routing`).
 
 Forward:  routing -> gate_up_swiglu (gathers x) -> scatter_gemm down (gate-weighted, token-major)
           -> combine (skipped for K = 1).
@@ -9,20 +9,20 @@ Backward: swiglu_backward (gathers dy; gives dh, dL/dw and w*act) -> scatter_gem
           and the two grouped weight-gradient kernels.
 Saved for backward: x, the weights and h = [g | u] [A, 2F]; act is recomputed from h in backward.
 
-Each of the six GEMM stages runs through `kernels.experts.stage_choice`, which may run torch._grouped_mm
-(`kernels.experts.grouped_mm_stages`) in its place where that measured faster on this shape.
+Each of the six GEMM stages runs through `kimi_kernels.experts.stage_choice`, which may run torch._grouped_mm
+(`kimi_kernels.experts.grouped_mm_stages`) in its place where that measured faster on this shape.
 """
 
 import torch
 
-from kernels.experts import grouped_mm_stages as gmm
-from kernels.experts import stage_choice
-from kernels.experts.combine import combine
-from kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
-from kernels.experts.reference import check_operands
-from kernels.experts.routing import Routing, build_routing
-from kernels.experts.wgrad import expert_wgrad
-from kernels.tiles import block_m
+from kimi_kernels.experts import grouped_mm_stages as gmm
+from kimi_kernels.experts import stage_choice
+from kimi_kernels.experts.combine import combine
+from kimi_kernels.experts.grouped_gemm import gate_up_swiglu, scatter_gemm, swiglu_backward
+from kimi_kernels.experts.reference import check_operands
+from kimi_kernels.experts.routing import Routing, build_routing
+from kimi_kernels.experts.wgrad import expert_wgrad
+from kimi_kernels.tiles import block_m
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -93,7 +93,7 @@ def _stage_key(x_TD, gate_up_EFD, down_EDF, r: Routing) -> tuple[tuple, bool]:
 
 
 def expert_ffn_triton(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
-    """Same contract as `kernels.experts.reference.expert_ffn_reference`, on Triton kernels."""
+    """Same contract as `kimi_kernels.experts.reference.expert_ffn_reference`, on Triton kernels."""
     check_operands(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
     T, E = x_TD.shape[0], gate_up_EFD.shape[0]
     K = topk_ids_TK.shape[1]

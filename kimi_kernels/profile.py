@@ -1,7 +1,7 @@
 """One forward+backward of the expert FFN for Nsight Compute to profile, the tuned kernels only.
 
     ncu --profile-from-start off --section SpeedOfLight --section WarpStateStats ... \\
-        python -m kernels.profile [-T 16384 -K 8 -E 64 -D 7168 -F 2048]
+        python -m kimi_kernels.profile [-T 16384 -K 8 -E 64 -D 7168 -F 2048]
 
 A script for a GPU, not a test. It runs a few warm-up passes first, so that the autotuner's trial
 launches (every candidate of every kernel) are over, then brackets exactly one forward+backward
@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from kernels.bench import make_inputs
-from kernels.compile_report import TARGET_SHAPE
-from kernels.experts.triton_ffn import expert_ffn_triton
+from kimi_kernels.bench import make_inputs
+from kimi_kernels.compile_report import TARGET_SHAPE
+from kimi_kernels.experts.triton_ffn import expert_ffn_triton
 
 
 def forward_backward(x, ids, w, gate_up, down, dy):
@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.profile needs a CUDA GPU")
+        raise SystemExit("kimi_kernels.profile needs a CUDA GPU")
     inputs = make_inputs(args.T, args.K, args.E, args.D, args.F, args.routing)
     dy = torch.randn_like(inputs[0])
     for _ in range(args.warmup):

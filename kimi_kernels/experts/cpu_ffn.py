@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, D hidden, F expert FFN width, E experts, K experts per token, A = T*K
 assignments (expert-sorted unless named otherwise). Weights use the HF DeepseekV3 layout of
-`kernels.experts.reference`: gate_up_EFD [E, 2F, D] (gate rows, then up rows), down_EDF [E, D, F].
+`kimi_kernels.experts.reference`: gate_up_EFD [E, 2F, D] (gate rows, then up rows), down_EDF [E, D, F].
 
 Why not the reference: its `out_AD[rows] = ...` records one CopySlices per busy expert, and each
 one's backward clones the whole [A, D] gradient, so forward+backward grows as E*A*D: 0.15 s at
@@ -22,7 +22,7 @@ CopySlices too, at the price of one host read of the counts (a graph break under
 import torch
 import torch.nn.functional as F
 
-from kernels.experts.reference import check_operands
+from kimi_kernels.experts.reference import check_operands
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,7 +90,7 @@ def _expert_linear(x_AI: torch.Tensor, w_EOI: torch.Tensor, groups) -> torch.Ten
 
 
 def expert_ffn_cpu(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF) -> torch.Tensor:
-    """Same contract as `kernels.experts.reference.expert_ffn_reference`: y_t = sum_k w_tk * FFN_{e_tk}(x_t)."""
+    """Same contract as `kimi_kernels.experts.reference.expert_ffn_reference`: y_t = sum_k w_tk * FFN_{e_tk}(x_t)."""
     check_operands(x_TD, topk_ids_TK, topk_weights_TK, gate_up_EFD, down_EDF)
     T, K = topk_ids_TK.shape
     E, F2, D = gate_up_EFD.shape

@@ -1,4 +1,4 @@
-"""RMSNorm in PyTorch, the model's definition and the oracle of `kernels.norm.rms_norm_triton`.
+"""RMSNorm in PyTorch, the model's definition and the oracle of `kimi_kernels.norm.rms_norm_triton`.
 
 x / rms(x) * weight, with the normalisation in fp32 (as DeepSeek-V3 and its HF port do), its result
 rounded to x's dtype, then multiplied by the weight in the promoted dtype. Under bf16 autocast with

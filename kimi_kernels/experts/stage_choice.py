@@ -5,7 +5,7 @@ kernels the slowest stages, so on some shapes _grouped_mm may win a stage. Rathe
 user the slower one, each stage (STAGES) times both on its first call for a shape and keeps the
 faster, as Triton's autotuner does for tile sizes. Our path is then never slower, stage by stage,
 than the better of the two (up to what fusing a neighbour saves: the _grouped_mm stages in
-`kernels.experts.grouped_mm_stages` gather, scatter and apply SwiGLU as separate ops).
+`kimi_kernels.experts.grouped_mm_stages` gather, scatter and apply SwiGLU as separate ops).
 
 `KIMI_EXPERT_STAGES` sets it, without code changes:
     auto          time both on the first call for each shape, keep the faster (default on a GPU)
@@ -14,7 +14,7 @@ than the better of the two (up to what fusing a neighbour saves: the _grouped_mm
     grouped_mm    torch._grouped_mm wherever it takes the operands
     wgrad_down=grouped_mm,dx=triton,...   per stage; stages not named stay auto
 Where _grouped_mm cannot take the operands (fp64, fp16/fp32 on CUDA, pre-sm90 GPUs, rows not a
-multiple of 16 bytes; `kernels.experts.grouped_mm_stages.available`), the stage runs our kernel.
+multiple of 16 bytes; `kimi_kernels.experts.grouped_mm_stages.available`), the stage runs our kernel.
 
 The choice is per (stage, device, dtype, E, D, F, rows rounded up to a power of two): a batch whose
 rows change a little keeps its choice. Timing syncs the device once per new key, like the
@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from kernels.tiles import interpreting
+from kimi_kernels.tiles import interpreting
 
 STAGES = ("gate_up", "down", "swiglu_backward", "dx", "wgrad_gate_up", "wgrad_down")
 IMPLS = ("triton", "grouped_mm")
