@@ -82,13 +82,12 @@ def child(args) -> dict:
             model = Transformer(preset(args.preset))
         stage, ep_rank = map(int, args.child.split(","))
         slice_experts(model, args.ep_size, ep_rank)
+        source = part_source(str(args.source)) if args.source else None
+        if args.source and (source is None or source.cfg != model.cfg):
+            raise SystemExit(f"--source {args.source}: not a source of the {args.preset} preset's model")
+        # As launch.train: the part read from the source is allocated and read, never drawn first.
         module = materialize(rank_part(model, args.pp_size, stage), torch.device("cpu"),
-                             model.init_seed, model.cfg.init_std)
-        if args.source:
-            source = part_source(str(args.source))
-            if source is None or source.cfg != model.cfg:
-                raise SystemExit(f"--source {args.source}: not a source of the {args.preset} preset's model")
-            source.load_into(module)
+                             model.init_seed, model.cfg.init_std, load=source.load_into if source else None)
     seconds = time.perf_counter() - start
     # VmHWM, this address space's peak: ru_maxrss would carry the parent's peak across exec (Linux).
     status = Path("/proc/self/status").read_text()

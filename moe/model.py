@@ -27,6 +27,7 @@ from moe.config import ModelConfig
 from moe.layers import MLP, RMSNorm, rope_cos_sin
 from moe.loss import IGNORE_INDEX, linear_cross_entropy, logits_cross_entropy
 from moe.moe import MoE
+from moe.params import model_tensors
 from moe.router import Router
 
 
@@ -41,16 +42,18 @@ def _normal_(tensor: torch.Tensor, seed: int, name: str, std: float) -> None:
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, seed: int, std: float) -> set[str]:
+def init_weights(module: nn.Module, seed: int, std: float, skip: tuple[torch.Tensor, ...] = ()) -> set[str]:
     """Initialise the parameters and buffers of `module`, a Transformer or a part of one whose
     tensor names are the Transformer's own (a pipeline stage's "layers.3...."), from `seed` and each
     tensor's name alone: a part gets what the whole model would hold. Each expert of a stacked
     [E, ...] tensor draws from its own name ("...gate_up_proj/7"); a module holding a slice of the
     experts says which global expert its first row is by `first_expert`. Tensors on the meta device
     are skipped (not yet materialised). N(0, std) for every matrix, ones for norms, zero router
-    biases and load counts, -inf running max logits. Returns the names of the tensors it set."""
+    biases and load counts, -inf running max logits. Tensors in `skip` (a loader fills them) are left
+    as they are. Returns the names of the tensors it set or skipped."""
     done: set[str] = set()
-    seen: set[int] = set()  # a tensor under two names (a tied head) draws once, by its first name
+    # A tensor under two names (a tied head) draws once, by its first name; a skipped one never.
+    seen: set[int] = {id(t) for t in skip}
 
     def mark(where: str, *names: str) -> None:
         done.update(f"{where}{n}" for n in names)
@@ -71,15 +74,18 @@ def init_weights(module: nn.Module, seed: int, std: float) -> set[str]:
             for pname in ("gate_up_proj", "down_proj"):
                 param = getattr(m, pname)
                 if not param.is_meta:
-                    for i in range(param.shape[0]):
-                        _normal_(param[i], seed, f"{where}{pname}/{m.first_expert + i}", std)
+                    if fresh(param):
+                        for i in range(param.shape[0]):
+                            _normal_(param[i], seed, f"{where}{pname}/{m.first_expert + i}", std)
                     mark(where, pname)
         elif isinstance(m, RMSNorm) and not m.weight.is_meta:
-            m.weight.fill_(1.0)
+            if fresh(m.weight):
+                m.weight.fill_(1.0)
             mark(where, "weight")
         if isinstance(m, Router) and not m.e_score_correction_bias.is_meta:
-            m.e_score_correction_bias.zero_()
-            m.tokens_per_expert_E.zero_()
+            if fresh(m.e_score_correction_bias):
+                m.e_score_correction_bias.zero_()
+            m.tokens_per_expert_E.zero_()  # not saved: no loader fills it
             mark(where, "e_score_correction_bias", "tokens_per_expert_E")
         if isinstance(m, MLA) and not m.max_logits_H.is_meta:
             m.reset_max_logits()
@@ -87,13 +93,18 @@ def init_weights(module: nn.Module, seed: int, std: float) -> set[str]:
     return done
 
 
-def materialize(module: nn.Module, device, seed: int, std: float) -> nn.Module:
+def materialize(module: nn.Module, device, seed: int, std: float, load=None) -> nn.Module:
     """`module` (part of a Transformer built on the meta device) allocated on `device` and
-    initialised by init_weights from the whole model's `seed`. A module with no meta tensor is left
-    as it is. A tensor init_weights does not know how to set is an error, not left as to_empty's
-    uninitialised memory."""
+    initialised by init_weights from the whole model's `seed`. With `load`, a callable that fills
+    every saved tensor of the module or raises (launch.checkpoint.pretrained.PartSource.load_into),
+    those tensors are read, not drawn first and then overwritten: only what no file holds (the
+    routers' load counts, MLA's running max logits) is initialised. A module with no meta tensor is
+    left as it is (and loaded, with `load`). A tensor init_weights does not know how to set is an
+    error, not left as to_empty's uninitialised memory."""
     tensors = [*module.parameters(), *module.buffers()]
     if not any(t.is_meta for t in tensors):
+        if load is not None:
+            load(module)
         return module
     if not all(t.is_meta for t in tensors):  # to_empty would overwrite the allocated ones too
         raise ValueError("materialize: the module holds both meta and allocated tensors; "
@@ -113,11 +124,14 @@ def materialize(module: nn.Module, device, seed: int, std: float) -> nn.Module:
     for name, source in ties.items():
         owner, _, attr = name.rpartition(".")
         setattr(module.get_submodule(owner), attr, module.get_parameter(source))
-    done = init_weights(module, seed, std)
+    saved = model_tensors(module) if load is not None else []
+    done = init_weights(module, seed, std, skip=tuple(t for _, t in saved)) | {n for n, _ in saved}
     unset = [n for n, _ in (*module.named_parameters(), *module.named_buffers()) if n not in done]
     if unset:
         raise TypeError(f"materialize: init_weights (moe/model.py) does not initialise {unset[:5]}"
                         f"{' ...' if len(unset) > 5 else ''}; teach it their module's rule")
+    if load is not None:
+        load(module)
     return module
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+import moe.model
 from moe.config import preset
 from moe.hf import export_hf, import_hf, load_hf_part, read_hf_config
 from moe.model import Transformer, materialize
@@ -37,9 +38,9 @@ def _hf_dir(tmp_path, layout):
     return tmp_path / "hf"
 
 
-def _part(cfg, blocks, ep_size, ep_rank, head):
-    """What a rank holds, on meta: blocks `blocks` (full-model names), each MoE block's experts cut to
-    1/ep_size, the head if `head`."""
+def _part(cfg, blocks, ep_size, ep_rank, head, load=None):
+    """What a rank holds: blocks `blocks` (full-model names), each MoE block's experts cut to
+    1/ep_size, the head if `head`; built on meta, then materialized (and filled by `load`)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     part = nn.Module()
@@ -54,18 +55,11 @@ def _part(cfg, blocks, ep_size, ep_rank, head):
                 local = RoutedExperts(E // ep_size, D, twoF // 2)
             local.first_expert = ep_rank * (E // ep_size)
             block.mlp.experts = local
-    return materialize(part, torch.device("cpu"), model.init_seed, cfg.init_std)
+    return materialize(part, torch.device("cpu"), model.init_seed, cfg.init_std, load=load)
 
 
-@pytest.mark.parametrize("layout", ["stacked", "per_expert", "sharded"])
-@pytest.mark.parametrize("blocks, ep_size, ep_rank, head", [((1, 2), 2, 1, True), ((0, 1), 4, 2, False)])
-def test_a_part_reads_the_rows_import_hf_reads(tmp_path, layout, blocks, ep_size, ep_rank, head):
-    path = _hf_dir(tmp_path, layout)
-    whole = import_hf(path)
-    cfg = read_hf_config(path)
-    assert cfg == whole.cfg
-    part = _part(cfg, blocks, ep_size, ep_rank, head)
-    load_hf_part(part, path, cfg)
+def _assert_rows_of(part, whole, cfg, ep_size, ep_rank):
+    """Every weight and saved buffer of `part` equals the same rows of `whole` (import_hf's model)."""
     reference = {**dict(whole.named_parameters(remove_duplicate=False)), **dict(whole.named_buffers())}
     L = cfg.num_experts // ep_size
     checked = 0
@@ -78,6 +72,38 @@ def test_a_part_reads_the_rows_import_hf_reads(tmp_path, layout, blocks, ep_size
         assert torch.equal(tensor, want), name
         checked += 1
     assert checked > 20
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_expert", "sharded"])
+@pytest.mark.parametrize("blocks, ep_size, ep_rank, head", [((1, 2), 2, 1, True), ((0, 1), 4, 2, False)])
+def test_a_part_reads_the_rows_import_hf_reads(tmp_path, layout, blocks, ep_size, ep_rank, head):
+    path = _hf_dir(tmp_path, layout)
+    whole = import_hf(path)
+    cfg = read_hf_config(path)
+    assert cfg == whole.cfg
+    part = _part(cfg, blocks, ep_size, ep_rank, head)
+    load_hf_part(part, path, cfg)
+    _assert_rows_of(part, whole, cfg, ep_size, ep_rank)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_expert"])
+def test_a_part_materialized_from_its_source_is_read_not_drawn(tmp_path, monkeypatch, layout):
+    # What launch.train does under --pp-size / --ep-size with --init-from: drawing every weight
+    # only to overwrite it cost a few seconds per 0.4B parameters on a CPU host.
+    path = _hf_dir(tmp_path, layout)
+    whole = import_hf(path)
+    cfg = read_hf_config(path)
+    drawn = []
+    monkeypatch.setattr(moe.model, "_normal_", lambda tensor, seed, name, std: drawn.append(name))
+    part = _part(cfg, (1, 2), 2, 1, True, load=lambda module: load_hf_part(module, path, cfg))
+    assert drawn == []
+    _assert_rows_of(part, whole, cfg, 2, 1)
+    # What no file holds is still set: the routers' load counts and MLA's running max logits.
+    for name, buffer in part.named_buffers():
+        if name.endswith("tokens_per_expert_E"):
+            assert torch.equal(buffer, torch.zeros_like(buffer)), name
+        if name.endswith("max_logits_H"):
+            assert torch.isneginf(buffer).all(), name
 
 
 def test_the_whole_model_loads_as_import_hf_loads_it(tmp_path):

@@ -214,11 +214,12 @@ class StagePipe(PipelineModule):
 
 
 def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
-                          blocks_per_stage: list[int] | None = None, device=None) -> StagePipe:
+                          blocks_per_stage: list[int] | None = None, device=None, load=None) -> StagePipe:
     """`model` cut into pp_size stages on DeepSpeed's PipeDataParallelTopology grid (pipe
     outermost, see launch/parallel/distributed.py). Every rank passes the same `model` (same seed),
     whole or on the meta device; each keeps only its own stage's modules registered, and allocates
-    them on `device` if they are on meta. `stage().named_parameters()` gives the full model's names."""
+    them on `device` if they are on meta, filled by `load` if given (materialize's: a source's
+    reader, under the full model's names). `stage().named_parameters()` gives the full model's names."""
     world = dist.get_world_size()
     if world % pp_size:
         raise ConfigError(f"pp_size = {pp_size} must divide the number of processes ({world})")
@@ -227,7 +228,7 @@ def build_pipeline_module(model: Transformer, pp_size: int, grad_accum: int,
               for s in range(pp_size)]
     topology = PipeDataParallelTopology(num_pp=pp_size, num_dp=world // pp_size)
     mine = stages[topology.get_coord(dist.get_rank()).pipe]
-    materialize(mine, device or torch.device("cpu"), model.init_seed, model.cfg.init_std)
+    materialize(mine, device or torch.device("cpu"), model.init_seed, model.cfg.init_std, load=load)
     # One pipeline layer per stage: DeepSpeed's uniform partition then gives stage s exactly stages[s].
     pipe = StagePipe(stages, topology=topology, loss_fn=logits_cross_entropy, partition_method="uniform")
     pipe.block_bounds, pipe.model_cfg = bounds, model.cfg

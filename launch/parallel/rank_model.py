@@ -6,7 +6,7 @@ Where the rank holds only part of the model, a fresh model or one started from a
 sharded checkpoint, Hugging Face weights) is built on the meta device, cut, and only this rank's part
 is allocated: host memory grows with the part, not the model. Fresh, each tensor draws from the
 model's seed and its own name (moe/model.py's init_weights), so the part holds what the whole model
-would; from a source, the part's tensors are then read from it alone. A Pretrained source (a
+would; from a source, the part's tensors are read from it alone, not drawn first. A Pretrained source (a
 checkpoint of the previous format, or any source in one process) is its whole model itself, not a
 copy.
 """
@@ -45,14 +45,13 @@ def build_rank_model(model_cfg: ModelConfig, init: Pretrained | PartSource | Non
 
         ep_group, _, group_name = expert_groups(info.ep_size, pp_size=info.pp_size)
         apply_expert_parallel(model, ep_group, group_name)
+    load = part_load.load_into if part_load is not None else None  # a stage holds the single-device names
     if pp_size > 1:  # from here on `model` is this rank's pipeline stage (launch/parallel/pipeline.py)
         from launch.parallel.pipeline import build_pipeline_module
 
-        model = build_pipeline_module(model, pp_size, grad_accum, device=device)
+        model = build_pipeline_module(model, pp_size, grad_accum, device=device, load=load)
     elif partial:
-        materialize(model, device, model.init_seed, model_cfg.init_std)
-    if part_load is not None:  # a pipeline's stage holds the single-device names
-        part_load.load_into(model.stage() if pp_size > 1 else model)
+        materialize(model, device, model.init_seed, model_cfg.init_std, load=load)
     rank_params = torch.tensor(sum(p.numel() for p in model.parameters()), device=device)
     if info is not None:
         torch.distributed.all_reduce(rank_params, op=torch.distributed.ReduceOp.MAX)
