@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What this repo owes a GPU, step by step, since device time is scarce (30 minutes a session, and
-# at most 10 minutes a command on the device tool: run the steps in separate calls if need be).
+# What this repo owes a GPU, step by step, since device time is scarce (15 minutes a task, starts
+# included, and at most 10 minutes a command on the device tool).
 #   tests   the kernel tests, natively: bf16 with every autotune candidate, fp32/fp16 autotuned
 #   target  the kernel benchmark at the target shape (K2 layer, E 64, 16k tokens)
 #   optim   the optimizer-step benchmark (k2-2b: Muon's Newton-Schulz, QK-clip's re-measure)
@@ -12,8 +12,9 @@
 #   attention  the flash-attention tests natively (bf16, every tile candidate at Q 192 / V 128), then
 #           its benchmark against SDPA at MLA's head dims (benchmarks/attention_bench.py)
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: tests target optim)
-# Each step's log and JSON go to $OUT when it is set (the device tool's folder, which brings back
-# eight files at most), else to benchmarks/gpu-run/.
+# Each step's log and JSON go to $OUT when it is set, else to benchmarks/gpu-run/. The device tool
+# brings back 8 files of $OUT at most: gpu.txt plus a log and usually a JSON per step, so name at
+# most three steps a call (or pack $OUT into one archive at the end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu-run}

@@ -24,7 +24,7 @@ from launch.checkpoint import resume, run_dir
 from launch.checkpoint import store as checkpoint
 from launch.config.training import TrainConfig, default_out_dir, parse_args
 from launch.config.warnings import warnings_for
-from launch.data.build import build_data, TrainBatches, ValBatches
+from launch.data.batches import TrainBatches, ValBatches
 from launch.parallel.distributed import DistInfo, init_distributed, launched
 from launch.parallel.engine import LocalStepper, finish_step
 from launch.metrics.dashboard import write_dashboard
@@ -236,6 +236,10 @@ def _train(cfg: TrainConfig, info: DistInfo | None, device, out: Path, decision:
     rank = 0 if info is None else info.rank
     # The ranks of one pipeline read the same micro-batches: the data is split over data-parallel ranks.
     dp_rank, dp_size = (0, 1) if info is None else (info.dp_rank, info.dp_size)
+    # Imported here, not at the top: `datasets` is only needed to read a corpus, and launch.bench,
+    # which imports this module for `accumulate`, runs on GPU machines that lack it.
+    from launch.data.build import build_data
+
     try:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init = None

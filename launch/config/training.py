@@ -42,7 +42,7 @@ from launch.config import cli_help
 from launch.config.cli_help import flag
 from launch.config.files import load_file
 from launch.config.flags import ConfigArgumentParser, parse_value
-from launch.data.build import DataConfig
+from launch.data.config import DataConfig
 from launch.parallel.recompute import MODES as RECOMPUTE_MODES
 from moe.config import (PRESETS, ConfigError, ModelConfig, check_field_types, check_keys, check_value, doc_field,
                         from_dict, preset)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from launch.config.training import TrainConfig
-from launch.data.build import DataConfig
+from launch.data.config import DataConfig
 from launch.parallel.distributed import launched
 
 _DATA_DEFAULTS = {f.name: f.default for f in fields(DataConfig)}
