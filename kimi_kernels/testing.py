@@ -18,6 +18,42 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def use_interpreter_without_cuda() -> None:
     if DEVICE == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
+        _check_interpreter_runs_loops()
+
+
+_interpreter_checked = False
+
+
+def _check_interpreter_runs_loops() -> None:
+    """Triton's interpreter before the fix for triton-lang/triton#9171 (in 3.6, not in 3.9)
+    turns a loop bound into a Python int with int() on a one-element array, which NumPy 2.4
+    refuses: every kernel test with a `range` over a runtime argument would fail with an opaque
+    InterpreterError. One tiny kernel says so once, with the way out, before any test runs."""
+    global _interpreter_checked
+    if _interpreter_checked:
+        return
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](out, 3)
+    except Exception as err:  # InterpreterError wraps the TypeError
+        if "0-dimensional" not in str(err):
+            raise
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument under "
+            f"NumPy {numpy.__version__} (triton-lang/triton#9171); install numpy<2.4 or a Triton with the "
+            f"fix (3.9 has it)") from err
+    _interpreter_checked = True
 
 
 def check_kernels_interpreted() -> None:
