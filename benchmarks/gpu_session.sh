@@ -14,7 +14,8 @@
 #   attention the flash-attention tests natively (bf16, every tile candidate at Q 192 / V 128), then
 #             its benchmark against SDPA at MLA's head dims (benchmarks/attention_bench.py)
 #   recompute activation memory and step time per recompute mode, bf16, up to k2-2b
-#   trm       TRM-MLP on 9x9 Sudoku (issue 16) for whatever the session's budget leaves
+#   trm       TRM-MLP on 9x9 Sudoku (issue 16) for whatever the session's budget leaves: the paper's
+#             batch of 768, bf16 forward (precision auto), our hardest split of 1000 train puzzles
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: imports tests target optim)
 #
 # Budget: GPU_SESSION_BUDGET_S (default 560) seconds for the whole call, so that it ends inside the
@@ -146,7 +147,8 @@ for name in ['kimi_kernels.bench', 'kimi_kernels.profile', 'optim.bench', 'launc
                  continue
              fi
              step trm python -m trm.train --preset trm-sudoku-mlp --task-args '{size: 9, train: 1000}' \
-                 --steps 50000 --eval-every 1000 --time-budget-s $(( $(left) - 180 )) --out-dir "$run_dir"
+                 --batch-size 768 --eval-batch-size 1024 --steps 50000 --eval-every 500 \
+                 --time-budget-s $(( $(left) - 180 )) --out-dir "$run_dir"
              mkdir -p "$stage/trm"
              for f in config.yaml data.json metrics.jsonl summary.json trm.png; do
                  [ -f "$run_dir/$f" ] && cp "$run_dir/$f" "$stage/trm/"

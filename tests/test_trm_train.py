@@ -51,6 +51,24 @@ def test_a_tiny_run_writes_its_outputs_and_resumes_exactly(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.parametrize("preset", ["tiny-sudoku-mlp", "tiny-sudoku-att"])
+def test_a_bf16_forward_keeps_weights_and_carried_state_fp32_and_tracks_the_fp32_run(tmp_path, preset):
+    summaries, losses = {}, {}
+    for precision in ("bf16", "fp32"):
+        out = tmp_path / precision
+        summaries[precision] = run(parse(_flags(out, "--preset", preset, "--precision", precision)))
+        losses[precision] = torch.tensor([r["loss"] for r in _records(out) if "loss" in r])
+        state = load(Path(latest(out / "checkpoints")), rank=0)
+        # The carry is checkpointed: one dtype whatever the forward ran in, so a resume may change it.
+        assert state["carry"]["y_BLD"].dtype == state["carry"]["z_BLD"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    assert (summaries["bf16"]["forward_dtype"], summaries["fp32"]["forward_dtype"]) == ("bfloat16", "float32")
+    assert not torch.equal(losses["bf16"], losses["fp32"])  # autocast did run
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=2e-2, atol=0)
+    with pytest.raises(ConfigError, match="precision = 'fp16'"):
+        parse(_flags(tmp_path / "bad", "--precision", "fp16"))
+
+
 def test_the_splits_share_no_puzzle_and_are_seeded():
     data = build("sudoku", {"size": 4, "train": 100, "val": 30, "test": 30}, seed=3)
     rows = [{tuple(x.tolist()) for x in split[0]} for split in (data.train, data.val, data.test)]

@@ -15,6 +15,9 @@ from moe.config import ConfigError, check_field_types, doc_field as _f
 from trm.config import PRESETS
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TRMRunConfig:
     preset: str = _f("tiny-sudoku-mlp", "model preset (trm/config.py): " + ", ".join(PRESETS))
@@ -26,6 +29,9 @@ class TRMRunConfig:
     resume: bool = _f(False, "continue the run in --out-dir from its newest good checkpoint")
     seed: int = _f(0, "seed of the data, the model's initialisation and the draws")
     device: str = _f("auto", "auto | cpu | cuda")
+    precision: str = _f("auto", "auto | fp32 | bf16: bf16 runs the model's forward under torch.autocast (the reference "
+                                "code's bf16 forward); weights, optimizer, EMA, carried state and losses stay fp32; "
+                                "auto: bf16 on CUDA, fp32 on CPU")
     optimizer: str = _f("adamw", "optimizer from optim's registry (adamw as the paper; muon, muonclip are ours)")
     lr: float = _f(1e-4, "peak learning rate (the paper's 1e-4)")
     weight_decay: float = _f(1.0, "decoupled weight decay (the paper: 1.0 for Sudoku, 0.1 for ARC and Maze)")
@@ -62,6 +68,8 @@ class TRMRunConfig:
             raise ConfigError(f"TRMRunConfig.ema = {self.ema} must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"TRMRunConfig.device = {self.device!r}; valid: auto, cpu, cuda")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"TRMRunConfig.precision = {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume = true needs out_dir: the run directory to continue (--out-dir)")
         for name in ("model", "task_args", "optimizer_args"):

@@ -53,7 +53,15 @@ from trm.data import PuzzleData, build
 
 # Fields a resume may change: how long, how often to evaluate, log and save.
 FREE = {"steps", "time_budget_s", "eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-        "device", "resume", "out_dir", "tensorboard", "wandb"}
+        "device", "precision", "resume", "out_dir", "tensorboard", "wandb"}
+
+
+def forward_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the model's forward computes in: bf16 (autocast) or fp32 ("auto": bf16 on CUDA only,
+    where it is the reference code's choice and the tensor cores' rate; CPU autocast is slower)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 class Stream:
@@ -136,6 +144,12 @@ class Trainer:
         self.carry: Carry = new_carry(self.model, cfg.batch_size, device)
         self.best = {"val_exact": -1.0, "step": None}
         self.best_weights = None
+        self.dtype = forward_dtype(cfg.precision, torch.device(device))
+
+    def autocast(self):
+        """The forward's precision; the backward and the optimizer run outside it, in fp32."""
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                              enabled=self.dtype == torch.bfloat16)
 
     def draw(self, k: int, before: int, total: int):
         """This rank's k examples: numbers before .. before + k - 1 of the `total` all ranks take now."""
@@ -162,7 +176,8 @@ class Trainer:
         before, total = sum(counts[: self.rank]), sum(counts)
         refill(self.model, self.carry, lambda k: self.draw(k, before, total), self.generator, before, total)
         steps_before = self.carry.steps_B.clone()
-        loss, figures = supervision_step(self.model, self.carry)
+        with self.autocast():
+            loss, figures = supervision_step(self.model, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
         if self.puzzle_optimizer is not None:
             self.puzzle_optimizer.zero_grad(set_to_none=True)
@@ -214,7 +229,9 @@ class Trainer:
     def evaluate(self, split: str, model: TRM | None = None) -> dict:
         inputs, targets = getattr(self.data, split)
         ids = None if self.data.puzzle_ids is None else self.data.puzzle_ids[("train", "val", "test").index(split)]
-        report = evaluate(model or self.evaluated_model(), inputs, targets, ids, batch_size=self.cfg.eval_batch_size)
+        with self.autocast():
+            report = evaluate(model or self.evaluated_model(), inputs, targets, ids,
+                              batch_size=self.cfg.eval_batch_size)
         predictions = report.pop("predictions")
         out = {f"{split}_{k}": v for k, v in report.items()}
         if self.data.verify is not None:  # the task's own verifier on each answer (any valid solution counts)
@@ -302,7 +319,8 @@ def _run(cfg: TRMRunConfig, data: PuzzleData, info, device, out: Path, ckpt: str
         (out / "data.json").write_text(json.dumps(data.info, indent=2))
         print(f"TRM {model_cfg.preset} ({parameter_count(trainer.model) / 1e6:.2f}M parameters, {model_cfg.mixer}, "
               f"T={model_cfg.T} n={model_cfg.n} n_sup={model_cfg.n_sup}) on {data.name}: {len(data.train[0])} train / "
-              f"{len(data.val[0])} val / {len(data.test[0])} test puzzles; {world} x {device.type}; writing {out}"
+              f"{len(data.val[0])} val / {len(data.test[0])} test puzzles; {world} x {device.type} "
+              f"({str(trainer.dtype).removeprefix('torch.')} forward); writing {out}"
               + (f"; resuming at step {start}" if ckpt else ""), file=sys.stderr)
     log = MetricsLog(out / "metrics.jsonl", tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                      first_step=start + 1 if start else 0) if is_main else None
@@ -347,6 +365,7 @@ def _run(cfg: TRMRunConfig, data: PuzzleData, info, device, out: Path, ckpt: str
                "stopped_by_time_budget": stopped_early, "wall_s": round(time.perf_counter() - t0, 1),
                "train_s": round(train_s, 1),
                "params": parameter_count(trainer.model), "world_size": world, "device": str(device),
+               "forward_dtype": str(trainer.dtype).removeprefix("torch."),
                "out_dir": str(out), "best_val": trainer.best, "data": data.info}
     if is_main:
         if trainer.best_weights is not None:  # test once, with the weights validation chose
