@@ -17,6 +17,10 @@
 #   trm       TRM-MLP on 9x9 Sudoku (issue 16) for whatever the session's budget leaves: the paper's
 #             batch of 768, bf16 forward (precision auto), our hardest split of 1000 train puzzles
 # Usage: bash benchmarks/gpu_session.sh [STEP...]   (default: imports tests target optim)
+# A 15-minute lease holds about 560 s + 250 s of commands after the machine's start. In order of
+# what the open issues owe: `imports bench attention target` (issue 13's MFU, attention and expert
+# figures), then at once, on the warm machine, GPU_SESSION_BUDGET_S=<seconds left - 40> with
+# `optim tests`; `trm` (issue 16) needs 300 s or more and is best a call of its own.
 #
 # Budget: GPU_SESSION_BUDGET_S (default 560) seconds for the whole call, so that it ends inside the
 # device tool's 600 s limit with its files written. Each step runs under `timeout` with what is left
