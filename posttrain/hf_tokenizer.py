@@ -5,8 +5,9 @@
     config_token_ids(tokenizer)             the bos/eos/pad ids config.json must carry
 
 Then `AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(messages, tools=tools,
-sanitize_control_tokens=True)` gives posttrain.chat's ids, and `generate` stops at <|im_end|> (end
-of a turn) or <|eod|> (end of a document, what a pretrained-only model emits).
+sanitize_control_tokens=True)` (transformers >= 5.20; older ones ignore the flag) gives
+posttrain.chat's ids, and `generate` stops at <|im_end|> (end of a turn) or <|eod|> (end of a
+document, what a pretrained-only model emits).
 
 Every single-id field says <|eod|> (id 0): pretraining put it between documents, so it is where a
 text starts (bos), where one ends (eos) and harmless padding; it is also what a trainer such as
