@@ -87,7 +87,9 @@ def supervision_step(model: TRM, carry: Carry, training: bool = True) -> tuple[t
     With training=False no slot halts before n_sup (evaluation always runs every step)."""
     cfg = model.cfg
     x = model.embed(carry.inputs_BL, carry.puzzle_ids_B if model.puzzle_emb is not None else None)
-    carry.y_BLD, carry.z_BLD, logits_BLV, q_B = model.supervise(x, carry.y_BLD, carry.z_BLD)
+    y_BLD, z_BLD, logits_BLV, q_B = model.supervise(x, carry.y_BLD, carry.z_BLD)
+    # Kept in the carry's dtype whatever autocast made of them: the checkpointed state has one dtype.
+    carry.y_BLD, carry.z_BLD = y_BLD.to(carry.y_BLD.dtype), z_BLD.to(carry.z_BLD.dtype)
     predicted_BL = logits_BLV.argmax(-1)
     scored_BL = carry.targets_BL != cfg.ignore_token  # ARC's pad cells: no loss, not scored
     right_BL = (predicted_BL == carry.targets_BL) | ~scored_BL
