@@ -15,6 +15,7 @@ import torch.distributed as dist
 from harness import write_result
 from launch.parallel.distributed import expert_groups, init_distributed
 from launch.parallel.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+from launch.runtime import close_process_group
 from moe.config import preset
 from moe.model import Transformer
 
@@ -63,4 +64,4 @@ write_result(out_dir, info.rank, {
     "dense_grad_diff": dense_diff, "expert_grad_diff": expert_diff, "expert_grad_max": expert_ref_norm,
     "tokens_per_expert": counts,
 })
-dist.destroy_process_group()
+close_process_group()  # barrier first: a rank leaving early makes its peer abort in gloo

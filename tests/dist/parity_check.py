@@ -22,6 +22,7 @@ from launch.parallel.deepspeed_config import build_deepspeed_config
 from launch.parallel.distributed import expert_groups, init_distributed
 from launch.parallel.engine import LocalStepper, build_deepspeed_stepper, finish_step
 from launch.parallel.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+from launch.runtime import close_process_group
 from moe.config import preset
 from moe.model import Transformer
 from optim import clip_factors, mla_row_scales
@@ -160,3 +161,4 @@ record["ep2_zero2_muonclip"] = {
     "weights_rel": rel(full_weights(st), ref_w),
 }
 write_result(out_dir, rank, record)
+close_process_group()  # barrier first: a rank leaving early makes its peer abort in gloo

@@ -31,6 +31,7 @@ from launch.parallel.distributed import expert_groups, init_distributed
 from launch.parallel.engine import LocalStepper
 from launch.parallel.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from launch.parallel.pipeline import build_pipeline_module, build_pipeline_stepper
+from launch.runtime import close_process_group
 from moe.config import preset
 from moe.model import Transformer, eval_mode
 
@@ -216,4 +217,4 @@ for case, ep_size in ([("muonclip", 1)] if world == 2 else [("muonclip_ep2", 2),
     pipe, records, ep, stepper = pipelined(ep_size=ep_size, opt="muonclip")
     record[case] = {**compare(pipe, records, clip_model, clip_ref), **clip_checks(pipe, stepper, records, clip_ref)}
 write_result(out_dir, rank, record)
-dist.destroy_process_group()
+close_process_group()  # barrier first: a rank leaving early makes its peer abort in gloo

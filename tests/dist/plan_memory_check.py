@@ -25,6 +25,7 @@ from launch.parallel.deepspeed_config import build_deepspeed_config
 from launch.parallel.distributed import expert_groups, init_distributed
 from launch.parallel.engine import build_deepspeed_stepper, finish_step
 from launch.parallel.expert_parallel import apply_expert_parallel
+from launch.runtime import close_process_group
 from moe.config import preset
 from moe.model import Transformer
 
@@ -90,3 +91,4 @@ for name, opt_name, stage, ep in CASES:
     }
     del stepper, model, zero
 write_result(out_dir, info.rank, {"bucket": BUCKET, "B": B, "T": T, "GA": GA, "cases": record})
+close_process_group()  # barrier first: a rank leaving early makes its peer abort in gloo

@@ -22,6 +22,7 @@ from settled_collectives import settle_collectives
 from launch.parallel.deepspeed_config import build_deepspeed_config
 from launch.parallel.distributed import init_distributed
 from launch.parallel.pipeline import build_pipeline_module, build_pipeline_stepper
+from launch.runtime import close_process_group
 from moe.config import preset
 from moe.model import Transformer
 
@@ -78,3 +79,4 @@ for name, opt_name in cases:
     }
     del stepper, pipe, zero
 write_result(out_dir, info.rank, {"bucket": BUCKET, "B": B, "T": T, "GA": GA, "pp": PP, "cases": record})
+close_process_group()  # barrier first: a rank leaving early makes its peer abort in gloo
