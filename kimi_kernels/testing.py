@@ -8,6 +8,7 @@ before the first `@triton.jit` in `kernels` executes. Test modules therefore cal
 `use_interpreter_without_cuda()` before importing any Triton-backed module of `kernels`.
 """
 
+import functools
 import os
 
 import torch
@@ -21,17 +22,12 @@ def use_interpreter_without_cuda() -> None:
         _check_interpreter_runs_loops()
 
 
-_interpreter_checked = False
-
-
+@functools.cache
 def _check_interpreter_runs_loops() -> None:
     """Triton's interpreter before the fix for triton-lang/triton#9171 (in 3.6, not in 3.9)
     turns a loop bound into a Python int with int() on a one-element array, which NumPy 2.4
     refuses: every kernel test with a `range` over a runtime argument would fail with an opaque
     InterpreterError. One tiny kernel says so once, with the way out, before any test runs."""
-    global _interpreter_checked
-    if _interpreter_checked:
-        return
     import numpy
     import triton
     import triton.language as tl
@@ -53,7 +49,6 @@ def _check_interpreter_runs_loops() -> None:
             f"Triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument under "
             f"NumPy {numpy.__version__} (triton-lang/triton#9171); install numpy<2.4 or a Triton with the "
             f"fix (3.9 has it)") from err
-    _interpreter_checked = True
 
 
 def check_kernels_interpreted() -> None:
